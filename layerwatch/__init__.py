@@ -1,0 +1,41 @@
+"""layerwatch: watch a neural network learn.
+
+Add :class:`LayerWatch` to ``model.fit`` to record every conv layer's
+activations for fixed probes at every training step; render the recording
+into GIFs with :func:`render` or ``layerwatch render``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["LayerWatch", "one_per_class", "open_run", "read_run", "render", "RecordingError",
+           "__version__"]
+
+# Importing Keras pulls in a backend (seconds); the reader, the renderer and the
+# CLI do not need it, so the callback is imported on first use.
+_LAZY = {
+    "LayerWatch": ("layerwatch.callback", "LayerWatch"),
+    "one_per_class": ("layerwatch.probes", "one_per_class"),
+    "open_run": ("layerwatch.store", "open_run"),
+    "read_run": ("layerwatch.store", "read_run"),
+    "RecordingError": ("layerwatch.store", "RecordingError"),
+    "render": ("layerwatch.render", "render"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'layerwatch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
