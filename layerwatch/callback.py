@@ -15,8 +15,7 @@ import numpy as np
 from . import __version__
 from .extractor import BOUNDED_RANGES, LayerSelector, Tap, build_extractor, input_spec
 from .probes import check_labels, check_probes
-from .store import (STATUS_COMPLETE, STATUS_STOPPED, LayerSpec, RecordingError, RunWriter,
-                    open_run, utc_now)
+from .store import STATUS_COMPLETE, STATUS_STOPPED, LayerSpec, RunWriter, utc_now
 
 _MODES = ("new", "append", "overwrite")
 _open_writers: "weakref.WeakSet[RunWriter]" = weakref.WeakSet()
@@ -127,9 +126,7 @@ class LayerWatch(keras.callbacks.Callback):
                 self.path, layers=self._specs(first), probes_x=self._x,
                 probes_y=self.probe_labels, from_step=step,
                 flush_seconds=self.flush_seconds, flush_snapshots=self.flush_snapshots)
-            with open_run(self.path) as run:
-                steps = run.steps
-            self._last_step = int(steps[-1]) if len(steps) else None
+            self._last_step = self._writer.resumed_from
         else:
             self._writer = RunWriter.create(
                 self.path, layers=self._specs(first), probes_x=self._x,
@@ -190,10 +187,13 @@ class LayerWatch(keras.callbacks.Callback):
         if len(shape) != len(received) or any(
                 want is not None and want != got for want, got in zip(shape, received)):
             expected = ("probes",) + tuple("any" if s is None else s for s in shape)
+            hint = "Pass a batch of inputs shaped like one training batch."
+            if len(self.probes.shape) == len(shape) and all(
+                    want is None or want == got for want, got in zip(shape, self.probes.shape)):
+                hint = "That looks like one input without the batch axis: use probes[None]."
             raise ValueError(
                 f"probes do not fit model '{model.name}'. Expected shape {expected}; "
-                f"received: probes.shape={self.probes.shape}. Pass a batch of inputs "
-                "shaped like one training batch.")
+                f"received: probes.shape={self.probes.shape}. {hint}")
         self._x = np.asarray(self.probes, dtype=dtype)
         self._extractor, self._taps = build_extractor(model, self.layers)
         self._extractor_for = id(model)

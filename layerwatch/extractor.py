@@ -73,7 +73,7 @@ def _walk(model: keras.Model, prefix: str = ""):
         path = f"{prefix}{layer.name}"
         if isinstance(layer, keras.Model):
             yield from _walk(layer, path + "/")
-        else:
+        elif not isinstance(layer, keras.layers.InputLayer):
             yield path, layer
 
 

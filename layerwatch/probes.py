@@ -77,7 +77,7 @@ def _as_class_ids(y: Any, *, name: str) -> np.ndarray:
                          f"Received: {name}.shape={y.shape}")
     if y.dtype.kind == "f" and len(y) and not np.all(np.mod(y, 1) == 0):
         raise ValueError(f"{name} must be integer class labels. Received floats such as "
-                         f"{y[np.mod(y, 1) != 0][0]!r}")
+                         f"{float(y[np.mod(y, 1) != 0][0])!r}")
     if y.dtype.kind not in "iuf" and not (y.dtype.kind == "b"):
         raise ValueError(f"{name} must be integer class labels. Received: "
                          f"{name}.dtype={y.dtype}")

@@ -1,0 +1,406 @@
+"""The recorder: what LayerWatch writes, read back with plain h5py."""
+
+import json
+import os
+import warnings
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from layerwatch import LayerWatch, one_per_class
+from layerwatch.cli import main
+
+TOL = 2e-3  # float16 storage of values in [-1, 1]
+
+
+def tanh_relu_model(*, bn: bool = False, spe: int = 1):
+    """conv(tanh) → conv(linear) [→ BN] → ReLU layer → dense: two recorded layers."""
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(2, 3, padding="same", activation="tanh", name="c1")(inp)
+    h = keras.layers.MaxPooling2D(name="pool")(h)
+    h = keras.layers.Conv2D(3, 3, padding="same", name="c2")(h)
+    if bn:
+        h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.ReLU(name="act")(h)
+    h = keras.layers.Flatten()(h)
+    out = keras.layers.Dense(3, activation="softmax", name="out")(h)
+    model = keras.Model(inp, out, name="tiny")
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], steps_per_execution=spe)
+    return model
+
+
+def conv_outputs(model, names, x):
+    """The model's own outputs of the named layers (recomputed, inference mode)."""
+    probe = keras.Model(model.inputs[0], [model.get_layer(n).output for n in names])
+    outputs = probe(x, training=False)
+    return [np.asarray(a) for a in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+
+
+def test_records_every_step_and_values_match_model(tmp_path, tiny_data):
+    x, y = tiny_data
+    model = tanh_relu_model(bn=True)
+    probes, labels = one_per_class(x, y)
+    before = conv_outputs(model, ["c1", "act"], probes)
+    path = tmp_path / "run.h5"
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, validation_data=(x, y),
+              callbacks=[LayerWatch(path, probes, labels)])
+    after = conv_outputs(model, ["c1", "act"], probes)
+
+    with h5py.File(path, "r", swmr=True) as f:
+        assert f.attrs["format"] == "layerwatch"
+        assert f.attrs["format_version"] == 1
+        assert f.attrs["backend"] == keras.backend.backend()
+        assert f.attrs["keras_version"] == keras.__version__
+        assert f.attrs["model_name"] == "tiny"
+        np.testing.assert_array_equal(f["steps"][:], np.arange(7))  # 3 steps × 2 epochs + 0
+        np.testing.assert_array_equal(f["epochs"][:], [0, 0, 0, 0, 1, 1, 1])
+        assert sorted(f["activations"]) == ["c1", "c2"]
+        c1, c2 = f["activations/c1"], f["activations/c2"]
+        assert c1.shape == (7, 3, 8, 8, 2) and c2.shape == (7, 3, 4, 4, 3)
+        assert c1.dtype == np.float16 and c1.chunks == (1, 3, 8, 8, 2)
+        assert c1.compression == "gzip"
+        np.testing.assert_allclose(c1[0], before[0], atol=TOL)
+        np.testing.assert_allclose(c1[-1], after[0], atol=TOL)
+        np.testing.assert_allclose(c2[0], before[1], atol=TOL, rtol=TOL)
+        np.testing.assert_allclose(c2[-1], after[1], atol=TOL, rtol=TOL)
+        # conv → BatchNorm → ReLU: the post-activation tensor is what is recorded
+        assert c2.attrs["tensor"] == "c2 -> bn -> act"
+        assert c2.attrs["activation"] == "relu"
+        assert c2.attrs["recorded_class"] == "ReLU"
+        assert "value_range" not in c2.attrs
+        assert c1.attrs["tensor"] == "c1" and c1.attrs["activation"] == "tanh"
+        np.testing.assert_array_equal(c1.attrs["value_range"], [-1.0, 1.0])
+        assert c1.attrs["layer_class"] == "Conv2D"
+        assert c1.attrs["channel_axis"] == 2
+        np.testing.assert_array_equal(f["probes/x"][:], probes)
+        np.testing.assert_array_equal(f["probes/y"][:], [0, 1, 2])
+        names = [n.decode() for n in f["metrics/batch/names"][:]]
+        assert {"loss", "accuracy", "learning_rate"} <= set(names)
+        np.testing.assert_array_equal(f["metrics/batch/step"][:], np.arange(1, 7))
+        assert f["metrics/batch/values"].shape == (6, len(names))
+        epoch_names = [n.decode() for n in f["metrics/epoch/names"][:]]
+        assert {"loss", "val_loss", "val_accuracy"} <= set(epoch_names)
+        np.testing.assert_array_equal(f["metrics/epoch/epoch"][:], [0, 1])
+        np.testing.assert_array_equal(f["metrics/epoch/step"][:], [3, 6])
+        assert f["status"][0] == 1
+        config = json.loads(f["meta/model_config"][()])
+        assert config["name"] == "tiny"
+        assert "c1" in f["meta/summary"][()].decode()
+
+
+def test_every_records_multiples_and_the_final_step(tmp_path, tiny_data):
+    x, y = tiny_data
+    path = tmp_path / "run.h5"
+    tanh_relu_model().fit(x, y, epochs=2, batch_size=16, verbose=0,
+                          callbacks=[LayerWatch(path, x[:2], every=4)])
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["steps"][:], [0, 4, 6])
+        assert "probes/y" not in f
+
+
+def test_steps_per_execution_gives_true_step_numbers(tmp_path, tiny_data):
+    x, y = tiny_data
+    path = tmp_path / "run.h5"
+    tanh_relu_model(spe=4).fit(x, y, epochs=1, batch_size=4, verbose=0,
+                               callbacks=[LayerWatch(path, x[:2])])
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["steps"][:], [0, 4, 8, 12])
+        np.testing.assert_array_equal(f["metrics/batch/step"][:], [4, 8, 12])
+
+
+def test_resume_appends_with_continuous_steps(tmp_path, tiny_data):
+    x, y = tiny_data
+    path = tmp_path / "run.h5"
+    model = tanh_relu_model()
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[LayerWatch(path, x[:2])])
+    model.fit(x, y, epochs=3, initial_epoch=1, batch_size=16, verbose=0,
+              callbacks=[LayerWatch(path, x[:2], mode="append")])
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["steps"][:], np.arange(10))
+        np.testing.assert_array_equal(f["epochs"][:], [0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+        np.testing.assert_array_equal(f["metrics/epoch/epoch"][:], [0, 1, 2])
+        assert f["activations/c1"].shape[0] == 10
+        assert f["status"][0] == 1
+
+
+def test_same_callback_in_a_second_fit_continues_its_file(tmp_path, tiny_data):
+    x, y = tiny_data
+    path = tmp_path / "run.h5"
+    model, cb = tanh_relu_model(), LayerWatch(path, x[:2])
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["steps"][:], np.arange(7))
+
+
+def test_overwrite_replaces_and_new_refuses(tmp_path, tiny_data):
+    x, y = tiny_data
+    path = tmp_path / "run.h5"
+    path.write_bytes(b"precious")
+    with pytest.raises(ValueError, match="already exists. Pass mode='append'.*mode='overwrite'"):
+        LayerWatch(path, x[:2])
+    assert path.read_bytes() == b"precious"
+    tanh_relu_model().fit(x, y, epochs=1, batch_size=48, verbose=0,
+                          callbacks=[LayerWatch(path, x[:2], mode="overwrite")])
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["steps"][:], [0, 1])
+
+
+def test_append_refuses_other_probes_and_other_layers(tmp_path, tiny_data):
+    x, y = tiny_data
+    path = tmp_path / "run.h5"
+    model = tanh_relu_model()
+    model.fit(x, y, epochs=1, batch_size=48, verbose=0, callbacks=[LayerWatch(path, x[:2])])
+    with pytest.raises(Exception, match="probe images differ"):
+        model.fit(x, y, epochs=1, batch_size=48, verbose=0,
+                  callbacks=[LayerWatch(path, x[2:4], mode="append")])
+    with pytest.raises(Exception, match="layers differ.*Recorded: c1 .*This run: c1 "):
+        model.fit(x, y, epochs=1, batch_size=48, verbose=0,
+                  callbacks=[LayerWatch(path, x[:2], layers=["c1"], mode="append")])
+    with h5py.File(path, "r") as f:  # the recording is untouched
+        np.testing.assert_array_equal(f["steps"][:], [0, 1])
+
+
+def test_nested_submodel_convs_are_found(tmp_path, tiny_data):
+    x, y = tiny_data
+    keras.utils.set_random_seed(2)
+    inner_in = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(2, 3, padding="same", activation="tanh", name="inner_conv")(inner_in)
+    encoder = keras.Model(inner_in, h, name="encoder")
+    block = keras.Sequential([keras.layers.Conv2D(2, 3, name="seq_conv"),
+                              keras.layers.Activation("sigmoid", name="seq_act")], name="block")
+    inp = keras.Input((8, 8, 1))
+    h = block(encoder(inp))
+    h = keras.layers.Conv2D(1, 1, activation="tanh", name="outer_conv")(h)
+    out = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(h))
+    model = keras.Model(inp, out)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    probes = x[:2]
+    path = tmp_path / "run.h5"
+    model.fit(x, y, epochs=1, batch_size=48, verbose=0, callbacks=[LayerWatch(path, probes)])
+    with h5py.File(path, "r") as f:
+        assert sorted(f["activations"]) == ["block.seq_conv", "encoder.inner_conv",
+                                             "outer_conv"]
+        seq = f["activations/block.seq_conv"]
+        assert seq.attrs["tensor"] == "seq_conv -> seq_act"
+        assert seq.attrs["layer_path"] == "block/seq_conv"
+        np.testing.assert_array_equal(seq.attrs["value_range"], [0.0, 1.0])
+        inner = f["activations/encoder.inner_conv"][-1]
+    recomputed = np.asarray(encoder(probes, training=False))
+    np.testing.assert_allclose(inner, recomputed, atol=TOL)
+
+
+def test_layers_by_name_and_predicate(tmp_path, tiny_data):
+    x, y = tiny_data
+    path = tmp_path / "a.h5"
+    tanh_relu_model().fit(x, y, epochs=1, batch_size=48, verbose=0,
+                          callbacks=[LayerWatch(path, x[:2], layers=["c2"])])
+    with h5py.File(path, "r") as f:
+        assert list(f["activations"]) == ["c2"]
+    path = tmp_path / "b.h5"
+    tanh_relu_model().fit(
+        x, y, epochs=1, batch_size=48, verbose=0,
+        callbacks=[LayerWatch(path, x[:2], layers=lambda layer: layer.name == "pool")])
+    with h5py.File(path, "r") as f:
+        assert list(f["activations"]) == ["pool"]
+        assert f["activations/pool"].shape == (2, 2, 4, 4, 2)
+
+
+def test_float32_storage_on_request(tmp_path, tiny_data):
+    x, y = tiny_data
+    path = tmp_path / "run.h5"
+    model = tanh_relu_model()
+    model.fit(x, y, epochs=1, batch_size=48, verbose=0,
+              callbacks=[LayerWatch(path, x[:2], dtype="float32")])
+    with h5py.File(path, "r") as f:
+        assert f["activations/c1"].dtype == np.float32
+        np.testing.assert_allclose(f["activations/c1"][-1],
+                                   conv_outputs(model, ["c1"], x[:2])[0], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- #
+# Bad input: clear messages, before any training compute
+# ----------------------------------------------------------------------------- #
+
+
+class _CountBatches(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.batches += 1
+
+
+def test_single_image_without_batch_axis_is_explained(tmp_path, tiny_data):
+    x, y = tiny_data
+    with pytest.raises(ValueError, match=r"received: probes.shape=\(8, 8, 1\).*looks like one "
+                                         r"input without the batch axis: use probes\[None\]"):
+        tanh_relu_model().fit(x, y, epochs=1, verbose=0,
+                              callbacks=[LayerWatch(tmp_path / "r.h5", x[0])])
+
+
+def test_wrong_probe_shape_fails_before_training(tmp_path, tiny_data):
+    x, y = tiny_data
+    counter = _CountBatches()
+    with pytest.raises(ValueError, match=r"Expected shape \('probes', 8, 8, 1\); received: "
+                                         r"probes.shape=\(2, 9, 9, 1\)"):
+        tanh_relu_model().fit(x, y, epochs=1, verbose=0,
+                              callbacks=[LayerWatch(tmp_path / "r.h5", np.zeros((2, 9, 9, 1))),
+                                         counter])
+    assert counter.batches == 0
+    assert not (tmp_path / "r.h5").exists()
+
+
+@pytest.mark.parametrize("probes, message", [
+    (np.zeros(8), r"\(probes, \*input shape\).*Received: probes.shape=\(8,\)"),
+    (np.array([["a", "b"]]), "probes must be numeric.*dtype=<U1"),
+    (np.zeros((0, 8, 8, 1)), r"Received: probes.shape=\(0, 8, 8, 1\)"),
+    (np.full((1, 8, 8, 1), np.nan), "NaN or infinite"),
+])
+def test_bad_probes_are_named(tmp_path, probes, message):
+    with pytest.raises(ValueError, match=message):
+        LayerWatch(tmp_path / "r.h5", probes)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"every": 0}, r"every must be an integer >= 1. Received: every=0"),
+    ({"every": 1.5}, r"every must be an integer >= 1. Received: every=1.5"),
+    ({"mode": "replace"}, r"mode must be one of .* Received: mode='replace'"),
+    ({"dtype": "int8"}, r"dtype must be 'float16' or 'float32'"),
+    ({"compression": "zstd"}, r"compression must be 'gzip', 'lzf' or None"),
+    ({"probe_labels": [0, 1, 2]}, r"one label per probe \(2\). Received: 3 labels"),
+])
+def test_bad_arguments_are_named(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LayerWatch(tmp_path / "r.h5", np.zeros((2, 8, 8, 1)), **kwargs)
+
+
+def test_unwritable_path_fails_at_construction(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="is not a writable directory"):
+        LayerWatch(blocker / "run.h5", np.zeros((2, 8, 8, 1)))
+    with pytest.raises(ValueError, match="path is a directory"):
+        LayerWatch(tmp_path, np.zeros((2, 8, 8, 1)))
+
+
+def test_no_conv_layer_lists_the_types_seen(tmp_path, tiny_data):
+    x, y = tiny_data
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(name="flat"),
+                              keras.layers.Dense(3, name="dense")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="found no convolutional layer.*Layer types seen: "
+                                         "Dense, Flatten"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[LayerWatch(tmp_path / "r.h5", x[:2])])
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_missing_layer_name_lists_available(tmp_path, tiny_data):
+    x, y = tiny_data
+    with pytest.raises(ValueError, match=r"names \['conv9'\] are not in model 'tiny'. "
+                                         "Available layers: c1, pool, c2, act, flatten, out."):
+        tanh_relu_model().fit(x, y, epochs=1, verbose=0,
+                              callbacks=[LayerWatch(tmp_path / "r.h5", x[:2], layers=["conv9"])])
+
+
+# ----------------------------------------------------------------------------- #
+# one_per_class
+# ----------------------------------------------------------------------------- #
+
+
+def test_one_per_class_integer_and_one_hot():
+    x = np.arange(6)[:, None] * 1.0
+    y = np.array([2, 0, 2, 1, 0, 1])
+    probes, labels = one_per_class(x, y)
+    np.testing.assert_array_equal(probes[:, 0], [1, 3, 0])
+    np.testing.assert_array_equal(labels, [0, 1, 2])
+    probes_oh, labels_oh = one_per_class(x, np.eye(3)[y])
+    np.testing.assert_array_equal(probes_oh, probes)
+    np.testing.assert_array_equal(labels_oh, labels)
+
+
+def test_one_per_class_names_missing_class():
+    with pytest.raises(ValueError, match=r"no example of class\(es\) \[1, 3\]"):
+        one_per_class(np.zeros((3, 2)), [0, 2, 2], num_classes=4)
+    with pytest.raises(ValueError, match="same length"):
+        one_per_class(np.zeros((3, 2)), [0, 1])
+    with pytest.raises(ValueError, match="integer class labels. Received floats such as 0.5"):
+        one_per_class(np.zeros((2, 2)), [0.5, 1.0])
+
+
+# ----------------------------------------------------------------------------- #
+# layerwatch info
+# ----------------------------------------------------------------------------- #
+
+
+def test_info_summarizes_a_recording(tmp_path, tiny_data):
+    x, y = tiny_data
+    path = tmp_path / "run.h5"
+    tanh_relu_model().fit(x, y, epochs=1, batch_size=16, verbose=0,
+                          callbacks=[LayerWatch(path, x[:2])])
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "snapshots: 4, steps 0..3, epochs 1..1" in out
+    assert "status: complete" in out
+    assert "c2" in out and "recorded: c2 -> act" in out
+    assert "loss=" in out and "accuracy=" in out
+    assert "of raw float32" in out
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    (b"", "is not an HDF5 file"),
+    (b"hello world" * 100, "is not an HDF5 file"),
+])
+def test_info_bad_files_give_one_line(tmp_path, content, message):
+    path = tmp_path / "bad.h5"
+    if content is not None:
+        path.write_bytes(content)
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and message in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_info_foreign_hdf5(tmp_path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f["data"] = np.zeros(3)
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 1
+    assert "not a layerwatch recording" in result.output
+
+
+def test_memory_flat_buffers_are_bounded(tmp_path, tiny_data):
+    """The writer never holds more than flush_snapshots snapshots in the training loop."""
+    x, y = tiny_data
+    path = tmp_path / "run.h5"
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def __init__(self, watch):
+            super().__init__()
+            self.watch = watch
+
+        def on_train_batch_end(self, batch, logs=None):
+            writer = self.watch._writer
+            if writer is not None:
+                seen.append(len(writer._pending))
+
+    watch = LayerWatch(path, x[:2], flush_snapshots=3, flush_seconds=60)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tanh_relu_model().fit(x, y, epochs=2, batch_size=4, verbose=0,
+                              callbacks=[watch, Spy(watch)])
+    assert not [w for w in caught if "layerwatch" in str(w.message)]  # no warning in a normal run
+    assert max(seen) <= 3
+    with h5py.File(path, "r") as f:
+        assert f["steps"].shape == (25,)
+    assert os.path.getsize(path) > 0
