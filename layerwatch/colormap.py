@@ -20,10 +20,12 @@ from __future__ import annotations
 import numpy as np
 
 #: Number of colour levels for values; odd, so 0 of a symmetric range is exactly white.
-LEVELS = 193
+#: 97 levels (steps of 1/48 of the range) look continuous; more levels make GIFs
+#: of slowly drifting layers larger without a visible difference.
+LEVELS = 97
 INPUT_START = LEVELS
 #: Palette slots for the probe inputs (grey levels, or the colours of RGB probes).
-INPUT_LEVELS = 56
+INPUT_LEVELS = 128
 NAN = INPUT_START + INPUT_LEVELS
 GAP = NAN + 1
 HEADER = NAN + 2
@@ -82,7 +84,8 @@ def build_palette(*, input_colors: np.ndarray | None = None) -> np.ndarray:
     return palette
 
 
-def value_indices(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+def value_indices(values: np.ndarray, vmin: float, vmax: float, *,
+                  previous: np.ndarray | None = None, hold: float = 0.0) -> np.ndarray:
     """Map values to palette indices of the red-white-blue levels.
 
     ``vmin`` maps to the red end, ``vmax`` to the blue end, values outside
@@ -94,6 +97,13 @@ def value_indices(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
         Any float array.
     vmin, vmax
         The colour range, ``vmin < vmax``.
+    previous
+        The indices this array had in the previous frame, for ``hold``.
+    hold
+        Hysteresis in levels: a value keeps its ``previous`` level while it is
+        within ``0.5 + hold`` levels of it, so jitter smaller than a level does
+        not make pixels flicker (and GIFs grow). The colour is then within
+        ``0.5 + hold`` levels of the value instead of 0.5.
 
     Returns
     -------
@@ -103,7 +113,7 @@ def value_indices(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     Examples
     --------
     >>> value_indices(np.array([-1.0, 0.0, 1.0, np.nan]), -1.0, 1.0).tolist()
-    [0, 96, 192, 249]
+    [0, 48, 96, 225]
     """
     if not vmin < vmax:
         raise ValueError(f"The colour range must have vmin < vmax. Received: ({vmin}, {vmax}).")
@@ -112,9 +122,12 @@ def value_indices(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     finite = np.isfinite(t)
     with np.errstate(invalid="ignore"):
         np.clip(t, 0, LEVELS - 1, out=t)
-    np.rint(t, out=t)
-    t[~finite] = 0
-    out = t.astype(np.uint8)
+    out = np.rint(t)
+    out[~finite] = 0
+    out = out.astype(np.uint8)
+    if previous is not None and hold > 0:
+        keep = (previous < LEVELS) & finite & (np.abs(t - previous) <= 0.5 + hold)
+        out[keep] = previous[keep]
     out[~finite] = NAN
     return out
 

@@ -242,3 +242,66 @@ def _unique_key(key: str, used: set[str]) -> str:
         candidate = f"{key}_{n}"
     used.add(candidate)
     return candidate
+
+
+def build_gram_extractor(extractor: keras.Model) -> keras.Model:
+    """A model from the input to each tapped tensor's probe Gram matrix.
+
+    For n inputs, tap ``i`` gives the (n, n) matrix ``A Aᵀ`` of its activations
+    flattened per input: all that linear CKA needs, whatever the layer's width,
+    computed where the activations are (no wide tensor leaves the device).
+    """
+    grams = []
+    for out in extractor.outputs:
+        flat = keras.ops.reshape(keras.ops.cast(out, "float32"), (-1, _features(out)))
+        grams.append(keras.ops.matmul(flat, keras.ops.transpose(flat)))
+    return keras.Model(extractor.inputs[0], grams, name=f"{extractor.name}_gram")
+
+
+def _features(tensor) -> int:
+    size = 1
+    for dim in tensor.shape[1:]:
+        size *= int(dim)
+    return size
+
+
+def select_channels(extractor: keras.Model, channels: Sequence[Sequence[int] | None],
+                    channel_axes: Sequence[int]) -> keras.Model:
+    """The extractor with output ``i`` cut to ``channels[i]`` (None keeps all).
+
+    ``channel_axes[i]`` is the channel axis of output ``i``, batch axis
+    included. The cut is part of the compiled probe function, so only the
+    kept channels leave the device.
+    """
+    outputs = []
+    for out, keep, axis in zip(extractor.outputs, channels, channel_axes):
+        if keep is not None:
+            out = keras.ops.take(out, keras.ops.convert_to_tensor(list(keep), "int32"), axis=axis)
+        outputs.append(out)
+    return keras.Model(extractor.inputs[0], outputs, name=f"{extractor.name}_channels")
+
+
+def probe_function(model: keras.Model, extractor: keras.Model) -> Callable[[Any], Any]:
+    """One compiled, inference-mode function from the probes to ``extractor``'s outputs.
+
+    Keras' predict step, built once and reused at every call — except under a
+    multi-replica TensorFlow distribution strategy (see
+    :func:`_tf_local_function`).
+    """
+    if keras.backend.backend() == "tensorflow":
+        strategy = getattr(model, "distribute_strategy", None)
+        if getattr(strategy, "num_replicas_in_sync", 1) > 1:
+            return _tf_local_function(extractor)
+    return extractor.predict_on_batch
+
+
+def _tf_local_function(extractor: keras.Model) -> Callable[[Any], Any]:
+    # TensorFlow only. Under MirroredStrategy / MultiWorkerMirroredStrategy,
+    # Keras' predict step runs the probes on every replica and concatenates the
+    # results (across workers a collective that every worker must join): the
+    # probes come back once per replica, and a chief recording alone would wait
+    # for the others forever. A plain tf.function reads this worker's copy of
+    # the mirrored variables and runs here only.
+    import tensorflow as tf
+
+    return tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
