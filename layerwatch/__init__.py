@@ -14,15 +14,16 @@ __version__ = "0.1.0"
 __all__ = ["LayerWatch", "one_per_class", "open_run", "read_run", "render", "RecordingError",
            "__version__"]
 
+# Functions named like their module are bound here eagerly: a lazy binding would
+# be replaced by the submodule itself as soon as anything imports it.
+from .probes import one_per_class  # noqa: E402
+from .render import render  # noqa: E402
+from .store import RecordingError, open_run, read_run  # noqa: E402
+
 # Importing Keras pulls in a backend (seconds); the reader, the renderer and the
 # CLI do not need it, so the callback is imported on first use.
 _LAZY = {
     "LayerWatch": ("layerwatch.callback", "LayerWatch"),
-    "one_per_class": ("layerwatch.probes", "one_per_class"),
-    "open_run": ("layerwatch.store", "open_run"),
-    "read_run": ("layerwatch.store", "read_run"),
-    "RecordingError": ("layerwatch.store", "RecordingError"),
-    "render": ("layerwatch.render", "render"),
 }
 
 

