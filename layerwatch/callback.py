@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
+import time
 import warnings
 import weakref
 from typing import Any, Sequence
@@ -13,11 +15,13 @@ import keras
 import numpy as np
 
 from . import __version__
-from .extractor import BOUNDED_RANGES, LayerSelector, Tap, build_extractor, input_spec
+from .extractor import (BOUNDED_RANGES, LayerSelector, Tap, build_extractor, input_spec,
+                        probe_function, select_channels)
 from .probes import check_labels, check_probes
 from .store import STATUS_COMPLETE, STATUS_STOPPED, LayerSpec, RunWriter, utc_now
 
 _MODES = ("new", "append", "overwrite")
+_CHANNEL_SELECTIONS = ("first", "variance")
 _open_writers: "weakref.WeakSet[RunWriter]" = weakref.WeakSet()
 
 
@@ -48,9 +52,22 @@ class LayerWatch(keras.callbacks.Callback):
         Which layers to record: names (or nested paths ``"encoder/conv1"``), or
         a predicate ``layer -> bool``. Default: every convolutional layer,
         nested sub-models included.
-    every : int, default 1
+    every : int or "auto", default 1
         Record after every ``every``-th optimizer step (step 0 and the final
-        step are always recorded).
+        step are always recorded). ``"auto"`` starts at 1 and, once the first
+        steps are measured, records as often as ``budget`` allows.
+    max_channels : int, optional
+        Record at most this many channels per layer (default: all). Bounds
+        memory, disk and time on wide models; the file's ``channels``
+        attribute says which were kept.
+    channel_selection : {"first", "variance"}, default "first"
+        Which ``max_channels`` channels: the first K, or the K whose
+        activations vary most across the probes at the first recorded step
+        (mean over positions of the variance over probes), kept in model order.
+    budget : float or None, default 0.2
+        Share of a training step that recording may cost. Measured over the
+        first steps; above it, one warning names the ``every=`` (and
+        ``max_channels=``) that would fit. ``None`` turns the check off.
     mode : {"new", "append", "overwrite"}, default "new"
         ``"new"`` refuses to touch an existing file; ``"append"`` continues it
         (resumed training: same layers and probes); ``"overwrite"`` replaces it.
@@ -78,15 +95,35 @@ class LayerWatch(keras.callbacks.Callback):
     """
 
     def __init__(self, path: str | os.PathLike, probes: Any, probe_labels: Any = None, *,
-                 layers: LayerSelector = None, every: int = 1, mode: str = "new",
+                 layers: LayerSelector = None, every: int | str = 1, mode: str = "new",
                  dtype: str = "float16", flush_seconds: float = 2.0,
-                 flush_snapshots: int = 32, compression: str | None = "gzip"):
+                 flush_snapshots: int = 32, compression: str | None = "gzip",
+                 max_channels: int | None = None, channel_selection: str = "first",
+                 budget: float | None = 0.2):
         super().__init__()
-        self.path = _check_path(path, mode)
+        # A worker that will not write must not refuse the chief's file.
+        self.path = _check_path(path, mode if _env_is_chief() else "overwrite")
         self.probes = check_probes(probes)
         self.probe_labels = check_labels(probe_labels, len(self.probes))
+        self.auto_every = isinstance(every, str) and every == "auto"
+        if self.auto_every:
+            every = 1
         if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-            raise ValueError(f"every must be an integer >= 1. Received: every={every!r}")
+            raise ValueError(f"every must be an integer >= 1. Received: every={every!r}. "
+                             "every='auto' picks it from the budget.")
+        if max_channels is not None and (isinstance(max_channels, bool) or not isinstance(
+                max_channels, (int, np.integer)) or max_channels < 1):
+            raise ValueError("max_channels must be an integer >= 1, or None for all channels. "
+                             f"Received: max_channels={max_channels!r}")
+        if channel_selection not in _CHANNEL_SELECTIONS:
+            raise ValueError(f"channel_selection must be one of {_CHANNEL_SELECTIONS}. "
+                             f"Received: channel_selection={channel_selection!r}")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(
+                budget, (int, float)) or not 0 < budget < 1):
+            raise ValueError("budget must be a share of step time between 0 and 1 (e.g. 0.2), "
+                             f"or None. Received: budget={budget!r}")
+        if self.auto_every and budget is None:
+            raise ValueError("every='auto' needs a budget to aim for. Received: budget=None")
         if np.dtype(dtype) not in (np.float16, np.float32):
             raise ValueError(f"dtype must be 'float16' or 'float32'. Received: dtype={dtype!r}")
         if compression not in ("gzip", "lzf", None):
@@ -102,6 +139,13 @@ class LayerWatch(keras.callbacks.Callback):
         self.compression = compression
         self.flush_seconds = float(flush_seconds)
         self.flush_snapshots = int(flush_snapshots)
+        self.max_channels = None if max_channels is None else int(max_channels)
+        self.channel_selection = channel_selection
+        self.budget = None if budget is None else float(budget)
+        self._predict: Any = None
+        self._channels: list[np.ndarray | None] = []
+        self._totals: list[int] = []
+        self._meter: _CostMeter | None = None
         self._writer: RunWriter | None = None
         self._extractor: keras.Model | None = None
         self._extractor_for: int | None = None
@@ -118,6 +162,8 @@ class LayerWatch(keras.callbacks.Callback):
         self._close(status=STATUS_STOPPED)  # a previous fit() that raised
         model = self.model
         self._prepare(model)
+        if not _is_chief(model):
+            return  # another worker writes the recording; this one records nothing
         step = self._step()
         first = self._snapshot()
         mode = "append" if self._owns_file else self.mode
@@ -140,6 +186,7 @@ class LayerWatch(keras.callbacks.Callback):
         _open_writers.add(self._writer)
         if self._last_step != step:
             self._record(step, first)
+        self._meter = _CostMeter() if self.budget is not None else None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = int(epoch)
@@ -151,8 +198,19 @@ class LayerWatch(keras.callbacks.Callback):
             step = self._step()
             if logs:
                 self._writer.add_batch_logs(step, self._scalars(logs, with_lr=True))
-            if self._last_step is None or step // self.every > self._last_step // self.every:
-                self._record(step, self._snapshot())
+            start = time.perf_counter()
+            recorded = self._last_step is None or \
+                step // self.every > self._last_step // self.every
+            if recorded:
+                arrays = self._snapshot()
+                written = time.perf_counter()
+                self._record(step, arrays)
+            if self._meter is not None:
+                end = time.perf_counter()
+                self._meter.add(step, start, end, (end - written) if recorded else None)
+                if self._meter.done:
+                    self._check_budget(self._meter)
+                    self._meter = None
         except Exception as exc:
             self._stop_recording(exc)
 
@@ -196,12 +254,51 @@ class LayerWatch(keras.callbacks.Callback):
                 f"received: probes.shape={self.probes.shape}. {hint}")
         self._x = np.asarray(self.probes, dtype=dtype)
         self._extractor, self._taps = build_extractor(model, self.layers)
+        self._predict = probe_function(model, self._extractor)
+        self._choose_channels(model)
         self._extractor_for = id(model)
 
+    def _choose_channels(self, model: keras.Model) -> None:
+        """Cut wide layers to ``max_channels`` inside the probe function."""
+        axes = [_channel_axis(tap.layer, len(out.shape)) for tap, out in
+                zip(self._taps, self._extractor.outputs)]
+        self._totals = [int(out.shape[axis]) for out, axis in zip(self._extractor.outputs, axes)]
+        k = self.max_channels
+        if k is None or all(total <= k for total in self._totals):
+            self._channels = [None] * len(self._taps)
+            return
+        stored = self._stored_channels()
+        if self.channel_selection == "variance" and stored is None:
+            full = self._outputs(self._predict(self._x))
+        channels: list[np.ndarray | None] = []
+        for i, (tap, total, axis) in enumerate(zip(self._taps, self._totals, axes)):
+            if total <= k:
+                channels.append(None)
+            elif stored is not None and stored.get(tap.key) is not None:
+                channels.append(np.asarray(stored[tap.key], dtype=np.int64))
+            elif self.channel_selection == "variance":
+                channels.append(_most_varying(full[i], axis, k))
+            else:
+                channels.append(np.arange(k))
+        self._channels = channels
+        recorder = select_channels(self._extractor, channels, axes)
+        self._predict = probe_function(model, recorder)
+
+    def _stored_channels(self) -> dict[str, Any] | None:
+        """Channels kept by the recording being resumed (variance is not re-chosen)."""
+        if self.channel_selection != "variance" or not os.path.exists(self.path) or \
+                (self.mode != "append" and not self._owns_file):
+            return None
+        with open_run(self.path) as run:
+            return {layer.key: getattr(layer, "channels", None) for layer in run.layers}
+
     def _snapshot(self) -> list[np.ndarray]:
-        # predict_on_batch runs Keras' compiled predict step (built once,
-        # inference mode), without predict()'s per-call data pipeline.
-        outputs = self._extractor.predict_on_batch(self._x)
+        # Keras' compiled predict step (built once, inference mode), without
+        # predict()'s per-call data pipeline; see extractor.probe_function.
+        return self._outputs(self._predict(self._x))
+
+    @staticmethod
+    def _outputs(outputs: Any) -> list[np.ndarray]:
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
         return [keras.ops.convert_to_numpy(o) for o in outputs]
@@ -244,6 +341,9 @@ class LayerWatch(keras.callbacks.Callback):
             }
             if activation in BOUNDED_RANGES:
                 attrs["value_range"] = np.array(BOUNDED_RANGES[activation], dtype=np.float64)
+            if self._channels and self._channels[len(specs)] is not None:
+                attrs["channels"] = np.asarray(self._channels[len(specs)], dtype=np.int64)
+                attrs["channels_total"] = self._totals[len(specs)]
             specs.append(LayerSpec(key=tap.key, shape=tuple(array.shape[1:]), attrs=attrs))
         return specs
 
@@ -254,6 +354,37 @@ class LayerWatch(keras.callbacks.Callback):
             "created": utc_now(), "image_data_format": keras.config.image_data_format(),
             "every": self.every, "num_probes": len(self._x),
         }
+
+    def _check_budget(self, meter: "_CostMeter") -> None:
+        """Warn once (or, with every="auto", adapt) when recording costs too much."""
+        step_time, cost, write = meter.step_time(), meter.record_cost(), meter.write_cost()
+        if step_time is None or cost is None or step_time <= 0:
+            return
+        share = cost / (self.every * step_time)
+        if share <= self.budget:
+            return
+        every = max(self.every + 1, math.ceil(cost / (self.budget * step_time)))
+        if self.auto_every:
+            self.every = every
+            return
+        fits = f"every={every}"
+        widest = max(len(c) if c is not None else t for c, t in zip(self._channels, self._totals))
+        for k in (64, 32, 16, 8):
+            if k >= widest:
+                continue
+            kept = sum(min(len(c) if c is not None else t, k) / (len(c) if c is not None else t)
+                       for c, t in zip(self._channels, self._totals)) / len(self._totals)
+            # Forward pass stays; storing shrinks with the channels kept.
+            cost_k = cost - write * (1 - kept)
+            every_k = max(1, math.ceil(cost_k / (self.budget * step_time)))
+            fits += f", or max_channels={k}" + (f" with every={every_k}" if every_k > 1 else "")
+            break
+        warnings.warn(
+            f"layerwatch: recording costs {share:.0%} of training time ({cost * 1e3:.1f} ms per "
+            f"recorded step, {step_time * 1e3:.1f} ms per training step, measured over steps "
+            f"{meter.first_step}-{meter.last_step}), above budget={self.budget}. {fits} would "
+            "bring it under budget (layers= narrows it further; every='auto' picks every; "
+            "budget=None silences this).", RuntimeWarning, stacklevel=2)
 
     def _stop_recording(self, exc: BaseException) -> None:
         self._failed = True
@@ -275,6 +406,97 @@ class LayerWatch(keras.callbacks.Callback):
                 self._failed = True
                 warnings.warn(f"layerwatch could not finish writing {self.path}: "
                               f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+
+
+def _channel_axis(layer: keras.layers.Layer, ndim: int) -> int:
+    """The channel axis of a batched output of ``layer``."""
+    data_format = getattr(layer, "data_format", None) or keras.config.image_data_format()
+    return 1 if data_format == "channels_first" else ndim - 1
+
+
+def _most_varying(array: np.ndarray, axis: int, k: int) -> np.ndarray:
+    """The k channels whose values differ most between probes, in channel order."""
+    spread = np.var(array.astype(np.float64), axis=0)  # over probes, per position
+    channel = axis - 1
+    spread = np.moveaxis(spread, channel, 0).reshape(spread.shape[channel], -1).mean(axis=1)
+    return np.sort(np.argsort(-spread, kind="stable")[:k])
+
+
+class _CostMeter:
+    """Times recording against training over the first batches of a fit."""
+
+    warmup = 2     # batch ends skipped: tracing and compilation
+    batches = 8    # batch ends measured after that
+
+    def __init__(self) -> None:
+        self._seen = 0
+        self._last_end: float | None = None
+        self._last_step: int | None = None
+        self._train: list[float] = []       # seconds per optimizer step, between our calls
+        self._record: list[float] = []      # seconds per recorded snapshot
+        self._write: list[float] = []       # of which handing it to the writer
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+
+    def add(self, step: int, start: float, end: float, write: float | None) -> None:
+        self._seen += 1
+        if self._seen > self.warmup and self._last_end is not None and step > self._last_step:
+            self._train.append((start - self._last_end) / (step - self._last_step))
+            if write is not None:
+                self._record.append(end - start)
+                self._write.append(write)
+            self.first_step = step if self.first_step is None else self.first_step
+            self.last_step = step
+        self._last_end, self._last_step = end, step
+
+    @property
+    def done(self) -> bool:
+        return len(self._train) >= self.batches
+
+    def step_time(self) -> float | None:
+        return float(np.median(self._train)) if self._train else None
+
+    def record_cost(self) -> float | None:
+        return float(np.median(self._record)) if self._record else None
+
+    def write_cost(self) -> float:
+        return float(np.median(self._write)) if self._write else 0.0
+
+
+def _is_chief(model: keras.Model) -> bool:
+    """Whether this process writes the recording (backend-specific).
+
+    Multi-worker training runs the callback in every worker; one writes.
+    TensorFlow: the strategy's chief (``should_checkpoint``, as checkpoints
+    do). JAX: process 0. PyTorch: rank 0 of an initialized process group.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        strategy = getattr(model, "distribute_strategy", None)
+        return bool(getattr(getattr(strategy, "extended", None), "should_checkpoint", True))
+    if backend == "jax":
+        import jax
+
+        return jax.process_index() == 0
+    if backend == "torch":
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return True
+
+
+def _env_is_chief() -> bool:
+    """Before fit: whether TF_CONFIG (TensorFlow's multi-worker setup) names this the chief."""
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        task = config.get("task") or {}
+        kind, index = task.get("type"), int(task.get("index", 0))
+        has_chief = bool((config.get("cluster") or {}).get("chief"))
+    except (ValueError, TypeError, AttributeError):
+        return True
+    if kind in (None, "chief"):
+        return True
+    return kind == "worker" and index == 0 and not has_chief
 
 
 def _check_path(path: Any, mode: str) -> str:

@@ -8,8 +8,10 @@ rather than a crash or an absurd allocation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import socket
 import tempfile
 import threading
 import time
@@ -34,7 +36,6 @@ _MAX_LAYERS = 4096
 _MAX_METRICS = 4096
 _MAX_TEXT_BYTES = 64 * 1024 * 1024
 _MAX_RANK = 6
-_MAX_SNAPSHOT_ELEMENTS = 1 << 31
 
 
 class RecordingError(Exception):
@@ -65,10 +66,19 @@ class RunWriter:
     The file is written in HDF5's single-writer/multiple-reader (SWMR) mode, so
     readers can open it while training runs and a killed writer leaves a
     valid file. Snapshots are buffered and written by a background thread in
-    blocks; the file is flushed at least every ``flush_seconds`` (and whenever
-    ``flush_snapshots`` snapshots are waiting), which bounds what a crash loses.
-    Memory is bounded by the queue: the training loop waits rather than
-    buffering without limit if the disk falls behind.
+    blocks: a block is handed over when ``flush_snapshots`` snapshots are
+    waiting, and the thread itself takes whatever is waiting once
+    ``flush_seconds`` pass without a block (a slow step, a long validation), so
+    a kill loses at most the snapshots of the last ``flush_seconds`` — at most
+    ``flush_snapshots`` of them while the disk keeps up. Memory is bounded by
+    the queue: the training loop waits rather than buffering without limit if
+    the disk falls behind.
+
+    Each block is committed in two flushes: activations, epochs, wall times and
+    metric values first, then the index datasets (``steps``,
+    ``metrics/*/step``), whose length readers trust. The index datasets' fill
+    value is -1 and steps only increase, so a reader of a killed file also
+    recognizes an index that grew on disk before its values were written.
 
     Use :meth:`create` or :meth:`append`; both leave the file in SWMR mode.
     """
@@ -83,10 +93,14 @@ class RunWriter:
         self._pending: list[tuple[int, int, float, list[np.ndarray]]] = []
         self._pending_batch: list[tuple[int, dict[str, float]]] = []
         self._pending_epoch: list[tuple[int, int, dict[str, float]]] = []
-        self._last_flush = time.monotonic()
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._lock = threading.Lock()
+        st = os.stat(f.filename)
+        self._identity = (st.st_dev, st.st_ino)
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._closed = False
+        #: In append mode, the step of the newest snapshot already in the file.
+        self.resumed_from: int | None = None
         self._thread = threading.Thread(target=self._work, name="layerwatch-writer", daemon=True)
         self._thread.start()
 
@@ -112,6 +126,7 @@ class RunWriter:
             f.attrs["storage_dtype"] = str(np.dtype(storage_dtype))
             for key, value in metadata.items():
                 f.attrs[key] = value
+            _set_writer_attrs(f, flush_seconds, flush_snapshots)
             meta = f.create_group("meta")
             for key, text in texts.items():
                 meta.create_dataset(key, data=text, dtype=h5py.string_dtype())
@@ -120,7 +135,8 @@ class RunWriter:
             if probes_y is not None:
                 probes.create_dataset("y", data=np.asarray(probes_y, dtype=np.int64))
             n_probes = probes_x.shape[0]
-            f.create_dataset("steps", (0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
+            f.create_dataset("steps", (0,), maxshape=(None,), dtype=np.int64, chunks=(1024,),
+                             fillvalue=-1)
             f.create_dataset("epochs", (0,), maxshape=(None,), dtype=np.int32, chunks=(1024,))
             f.create_dataset("wall_time", (0,), maxshape=(None,), dtype=np.float64, chunks=(1024,))
             acts = f.create_group("activations")
@@ -137,7 +153,8 @@ class RunWriter:
             for group, index_names in (("batch", ("step",)), ("epoch", ("epoch", "step"))):
                 g = metrics.create_group(group)
                 for name in index_names:
-                    g.create_dataset(name, (0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
+                    g.create_dataset(name, (0,), maxshape=(None,), dtype=np.int64,
+                                     chunks=(1024,), fillvalue=-1)
                 g.create_dataset("names", (0,), maxshape=(None,), dtype=_NAME_DTYPE, chunks=(64,))
                 g.create_dataset("values", (0, 0), maxshape=(None, None), dtype=np.float64,
                                  chunks=(256, 16), fillvalue=np.nan)
@@ -166,12 +183,14 @@ class RunWriter:
         with open_run(path) as run:
             _check_compatible(run, layers, probes_x, probes_y)
             stored_dtype = run.storage_dtype
-            if not run.closed_cleanly:
-                repair_run(path)
+            needs_repair = not run.closed_cleanly
+        if needs_repair:
+            repair_run(path)
         f = _open_h5(path, "r+")
         try:
             steps = f["steps"][:]
             keep = int(np.searchsorted(steps, from_step, side="right"))
+            last_step = int(steps[keep - 1]) if keep else None
             if keep < len(steps):
                 warnings.warn(
                     f"The recording {path} holds {len(steps) - keep} snapshot(s) after step "
@@ -179,10 +198,14 @@ class RunWriter:
                     "in order.", stacklevel=3)
                 _truncate(f, keep, from_step)
             f["status"][0] = STATUS_RECORDING
+            _set_writer_attrs(f, flush_seconds, flush_snapshots)
         finally:
             f.close()
-        return cls._open_for_writing(path, [s.key for s in layers], storage_dtype=stored_dtype,
-                                     flush_seconds=flush_seconds, flush_snapshots=flush_snapshots)
+        writer = cls._open_for_writing(path, [s.key for s in layers], storage_dtype=stored_dtype,
+                                       flush_seconds=flush_seconds,
+                                       flush_snapshots=flush_snapshots)
+        writer.resumed_from = last_step
+        return writer
 
     @classmethod
     def _open_for_writing(cls, path, keys, *, storage_dtype, flush_seconds, flush_snapshots):
@@ -200,41 +223,48 @@ class RunWriter:
 
     def add_snapshot(self, step: int, epoch: int, arrays: Sequence[np.ndarray]) -> None:
         """Queue one snapshot: one array of shape (probes, *layer shape) per layer."""
-        self._pending.append((int(step), int(epoch), time.time(), list(arrays)))
-        self._maybe_flush()
+        with self._lock:
+            self._pending.append((int(step), int(epoch), time.time(), list(arrays)))
+            full = len(self._pending) >= self._flush_snapshots
+        if full:
+            self.flush()
+        else:
+            self._raise_if_failed()
 
     def add_batch_logs(self, step: int, logs: dict[str, float]) -> None:
         """Queue the training logs reported at ``step``."""
-        self._pending_batch.append((int(step), logs))
-        self._maybe_flush()
+        with self._lock:
+            self._pending_batch.append((int(step), logs))
+        self._raise_if_failed()
 
     def add_epoch_logs(self, epoch: int, step: int, logs: dict[str, float]) -> None:
-        """Queue the end-of-epoch logs (validation metrics included)."""
-        self._pending_epoch.append((int(epoch), int(step), logs))
+        """Queue the end-of-epoch logs (validation metrics included) and flush."""
+        with self._lock:
+            self._pending_epoch.append((int(epoch), int(step), logs))
         self.flush()
 
     def last_step(self) -> int | None:
-        """The step of the newest snapshot queued or written, if any."""
-        if self._pending:
-            return self._pending[-1][0]
-        return None
-
-    def _maybe_flush(self) -> None:
-        if (len(self._pending) >= self._flush_snapshots
-                or time.monotonic() - self._last_flush >= self._flush_seconds):
-            self.flush()
+        """The step of the newest snapshot queued and not yet handed to the writer."""
+        with self._lock:
+            return self._pending[-1][0] if self._pending else None
 
     def flush(self, *, wait: bool = False) -> None:
         """Hand what is buffered to the writer thread (and wait for it if asked)."""
         self._raise_if_failed()
-        if self._pending or self._pending_batch or self._pending_epoch:
-            job = (self._pending, self._pending_batch, self._pending_epoch)
-            self._pending, self._pending_batch, self._pending_epoch = [], [], []
+        job = self._take()
+        if job is not None:
             self._queue.put(job)
-        self._last_flush = time.monotonic()
         if wait:
             self._queue.join()
             self._raise_if_failed()
+
+    def _take(self):
+        with self._lock:
+            if not (self._pending or self._pending_batch or self._pending_epoch):
+                return None
+            job = (self._pending, self._pending_batch, self._pending_epoch)
+            self._pending, self._pending_batch, self._pending_epoch = [], [], []
+            return job
 
     def close(self, *, status: int = STATUS_COMPLETE) -> None:
         """Write what is left, mark the run's status and close the file."""
@@ -248,11 +278,11 @@ class RunWriter:
             self._queue.put(None)
             self._thread.join()
             try:
-                if self._error is None:
-                    self._f["status"][0] = status
-                    self._f["heartbeat"][0] = time.time()
-                elif status == STATUS_COMPLETE:
-                    self._f["status"][0] = STATUS_STOPPED
+                # A failed writer still tries to mark the run stopped, so
+                # readers report it incomplete rather than still recording.
+                self._f["status"][0] = status if self._error is None else STATUS_STOPPED
+                self._f["heartbeat"][0] = time.time()
+                self._f.flush()
             except Exception:  # the file may be the thing that failed
                 pass
             try:
@@ -267,9 +297,33 @@ class RunWriter:
 
     # -- the writer thread -------------------------------------------------- #
 
+    def _check_file(self) -> None:
+        # Writing on into a file that was deleted or replaced would lose
+        # everything silently; stop and say so instead.
+        try:
+            st = os.stat(self._f.filename)
+            same = (st.st_dev, st.st_ino) == self._identity
+        except OSError:
+            same = False
+        if not same:
+            raise RecordingError(f"{self._f.filename} was removed or replaced while recording.")
+
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
+            try:
+                job = self._queue.get(timeout=self._flush_seconds)
+            except queue.Empty:
+                # Nothing handed over for flush_seconds: write what the training
+                # loop holds (this is what bounds a crash's loss in time) or, if
+                # nothing, just the heartbeat that tells readers we are alive.
+                # Only the training thread hands blocks over, and it takes them
+                # whole, so taking here cannot reorder snapshots.
+                try:
+                    if self._error is None:
+                        self._write(*(self._take() or ([], [], [])))
+                except BaseException as exc:
+                    self._error = exc
+                continue
             try:
                 if job is None:
                     return
@@ -282,6 +336,8 @@ class RunWriter:
 
     def _write(self, snapshots, batch_logs, epoch_logs) -> None:
         f = self._f
+        self._check_file()
+        commits: list[tuple[h5py.Dataset, list[int]]] = []
         if snapshots:
             n = len(snapshots)
             t0 = f["steps"].shape[0]
@@ -290,23 +346,31 @@ class RunWriter:
                 ds = f["activations"][key]
                 ds.resize(t0 + n, axis=0)
                 ds[t0:t0 + n] = block
-            # The index datasets grow last: a reader never sees a step whose
-            # activations are not written yet.
-            for name, column in (("epochs", 1), ("wall_time", 2), ("steps", 0)):
+            for name, column in (("epochs", 1), ("wall_time", 2)):
                 ds = f[name]
                 ds.resize(t0 + n, axis=0)
                 ds[t0:t0 + n] = [s[column] for s in snapshots]
+            commits.append((f["steps"], [s[0] for s in snapshots]))
         if batch_logs:
-            _append_logs(f["metrics/batch"], [(s,) for s, _ in batch_logs],
-                         [logs for _, logs in batch_logs], ("step",))
+            commits.append(_append_logs(f["metrics/batch"], [(s,) for s, _ in batch_logs],
+                                        [logs for _, logs in batch_logs], ("step",)))
         if epoch_logs:
-            _append_logs(f["metrics/epoch"], [(e, s) for e, s, _ in epoch_logs],
-                         [logs for _, _, logs in epoch_logs], ("epoch", "step"))
+            commits.append(_append_logs(f["metrics/epoch"], [(e, s) for e, s, _ in epoch_logs],
+                                        [logs for _, _, logs in epoch_logs], ("epoch", "step")))
+        if commits:
+            f.flush()  # the data reaches the file before the index that counts it
+        for ds, values in commits:
+            start = ds.shape[0]
+            ds.resize((start + len(values),))
+            ds[start:] = values
         f["heartbeat"][0] = time.time()
         f.flush()
 
 
-def _append_logs(group: h5py.Group, index_rows, logs_rows, index_names) -> None:
+def _append_logs(group: h5py.Group, index_rows, logs_rows, index_names
+                 ) -> tuple[h5py.Dataset, list[int]]:
+    """Write a block of log rows except the last index column, which is returned
+    (dataset, values) for the caller to commit after a flush."""
     names_ds = group["names"]
     names = [n.decode("utf-8") for n in names_ds[:]]
     for logs in logs_rows:
@@ -325,10 +389,20 @@ def _append_logs(group: h5py.Group, index_rows, logs_rows, index_names) -> None:
             block[r, names.index(name)] = value
     values.resize((n0 + len(logs_rows), len(names)))
     values[n0:] = block
-    for j, name in enumerate(index_names):
+    for j, name in enumerate(index_names[:-1]):
         ds = group[name]
         ds.resize((n0 + len(logs_rows),))
         ds[n0:] = [row[j] for row in index_rows]
+    return group[index_names[-1]], [row[-1] for row in index_rows]
+
+
+def _set_writer_attrs(f: h5py.File, flush_seconds: float, flush_snapshots: int) -> None:
+    # Written before SWMR mode starts (attributes cannot change after): lets a
+    # reader tell a live writer from a killed one, and state the crash bound.
+    f.attrs["writer_pid"] = os.getpid()
+    f.attrs["writer_host"] = socket.gethostname()
+    f.attrs["flush_seconds"] = float(flush_seconds)
+    f.attrs["flush_snapshots"] = int(flush_snapshots)
 
 
 def _truncate(f: h5py.File, keep: int, from_step: int) -> None:
@@ -351,7 +425,7 @@ def _check_compatible(run: "Run", layers: Sequence[LayerSpec], probes_x, probes_
         raise RecordingError(
             f"Cannot append to {run.path}: its layers differ from this model's. "
             f"Recorded: {_describe_layers(stored)}. This run: {_describe_layers(wanted)}. "
-            "Record into a new file, or pass mode='w' to replace it.")
+            "Record into a new file, or pass mode='overwrite' to replace it.")
     px = run.probes_x()
     if px.shape != probes_x.shape or not np.array_equal(px, probes_x.astype(px.dtype)):
         raise RecordingError(
@@ -376,46 +450,86 @@ def _open_h5(path: str, mode: str) -> h5py.File:
         raise RecordingError(f"Cannot open {path} for writing: {_h5_reason(exc)}") from exc
 
 
-def repair_run(path: str) -> None:
+def repair_run(path: str | os.PathLike) -> bool:
     """Rewrite a recording whose writer died, so any HDF5 reader opens it.
 
-    A writer killed in SWMR mode leaves the file flagged as open for writing;
-    plain ``h5py.File(path)`` then refuses it (``h5clear -s`` also clears the
-    flag). This copies everything into a fresh file beside it and moves it into
-    place. The status is set to "stopped".
+    A writer killed in SWMR mode leaves the file flagged as open for writing:
+    ``h5py.File(path, "r", swmr=True)`` reads it, but a plain
+    ``h5py.File(path)`` refuses it ("file is already open for write").
+    This copies the snapshots that were committed into a fresh file beside it
+    and moves that into place, with the status set to "stopped".
+
+    Returns
+    -------
+    bool
+        True if the file was rewritten, False if it was closed normally
+        (nothing to repair).
+
+    Raises
+    ------
+    RecordingError
+        The file is not a readable recording, or its writer is still running.
     """
+    path = os.fspath(path)
     with open_run(path) as run:
+        if run.status == STATUS_COMPLETE:
+            return False
+        if run.writer_state == "live":
+            raise RecordingError(
+                f"{path} is still being written by process {run.attrs.get('writer_pid')}; "
+                "repair it after that process has stopped.")
         src = run._f
+        n = run.num_snapshots
+        rows = {group: run._metric_rows(group) for group in ("batch", "epoch")}
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(suffix=".h5.tmp", dir=directory)
         os.close(fd)
         try:
-            with h5py.File(tmp, "w", libver="latest") as dst:
-                for key, value in src.attrs.items():
-                    dst.attrs[key] = value
+            with run._reading(), h5py.File(tmp, "w", libver="latest") as dst:
+                for key in src.attrs:
+                    dst.attrs[key] = src.attrs[key]
                 for name in src:
                     src.copy(src[name], dst, name=name)
-                n = run.num_snapshots
-                _truncate_to(dst, n)
+                _truncate_to(dst, n, rows)
                 if int(dst["status"][0]) == STATUS_RECORDING:
                     dst["status"][0] = STATUS_STOPPED
         except BaseException:
             os.unlink(tmp)
             raise
     os.replace(tmp, path)
+    return True
 
 
-def _truncate_to(f: h5py.File, n: int) -> None:
-    """Make every per-snapshot dataset exactly ``n`` long (after a crash)."""
+def _truncate_to(f: h5py.File, n: int, rows: dict[str, int]) -> None:
+    """Cut every per-snapshot dataset to ``n`` and the metric tables to ``rows``."""
     for name in ("steps", "epochs", "wall_time"):
         f[name].resize(n, axis=0)
     for ds in f["activations"].values():
         ds.resize(n, axis=0)
+    for group, count in rows.items():
+        for ds in f["metrics"][group].values():
+            if ds.name.rsplit("/", 1)[-1] != "names":
+                ds.resize(count, axis=0)
 
 
 # --------------------------------------------------------------------------- #
 # Reading
 # --------------------------------------------------------------------------- #
+
+# Limits on what a file may declare. A damaged or crafted file can claim any
+# shape; these keep every read bounded (about 1 GB at most) whatever it says.
+_MAX_SNAPSHOTS = 1 << 24
+_MAX_SNAPSHOT_ELEMENTS = 1 << 27  # one snapshot of one layer: probes × H × W × C
+_MAX_PROBE_ELEMENTS = 1 << 26
+_MAX_METRIC_ELEMENTS = 1 << 26
+_MAX_ATTRS = 256
+_MAX_ATTR_BYTES = 1 << 20
+_MAX_ATTR_ELEMENTS = 4096
+_MAX_STRING = 10_000
+_SCAN_ELEMENTS = 1 << 22  # elements read per block when scanning a layer
+# Filters built into HDF5/h5py. Any other filter id would make HDF5 look for a
+# plugin library to load: a file must never choose code to run.
+_SAFE_FILTERS = frozenset({1, 2, 3, 4, 5, 6, 32000})
 
 
 @dataclass(frozen=True)
@@ -451,22 +565,24 @@ class Metrics:
 class Run:
     """A recording opened for reading. Use :func:`open_run` or :func:`read_run`.
 
-    Works on a file still being written (it reads the snapshots flushed so
-    far) and on one whose writer died. Activations are read lazily, one
-    snapshot at a time if wanted, so long runs need not fit in memory.
+    Works on a file still being written (it reads the snapshots committed so
+    far; call :meth:`refresh` to see newer ones) and on one whose writer died.
+    Activations are read lazily, one snapshot at a time if wanted, so long runs
+    need not fit in memory. Everything taken from the file is checked first: a
+    damaged or crafted file raises :class:`RecordingError`, never an absurd
+    allocation.
     """
 
     def __init__(self, path: str):
         self.path = str(path)
         self._f = _open_for_reading(self.path)
         try:
-            self._validate()
-        except RecordingError:
+            with self._reading():
+                self._validate()
+                self._count()
+        except BaseException:
             self._f.close()
             raise
-        except Exception as exc:  # anything h5py raises on a damaged file
-            self._f.close()
-            raise RecordingError(f"{self.path} is damaged: {_h5_reason(exc)}") from exc
 
     def __enter__(self) -> "Run":
         return self
@@ -475,111 +591,225 @@ class Run:
         self.close()
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except Exception:  # closing a damaged file must not hide the real error
+            pass
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Turn what h5py/numpy raise on a damaged file into RecordingError."""
+        try:
+            yield
+        except RecordingError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError,
+                IndexError, OverflowError, MemoryError, UnicodeError) as exc:
+            raise RecordingError(f"{self.path} is damaged: {_h5_reason(exc)}") from exc
 
     # -- validation --------------------------------------------------------- #
 
+    def _damaged(self, what: str) -> RecordingError:
+        return RecordingError(f"{self.path} is damaged: {what}")
+
     def _validate(self) -> None:
         f = self._f
-        if f.attrs.get("format") not in (FORMAT_NAME, FORMAT_NAME.encode()):
+        fmt = _attr(f, "format", strict=True)
+        if fmt != FORMAT_NAME:
             raise RecordingError(
                 f"{self.path} is an HDF5 file but not a layerwatch recording "
                 "(no root attribute format='layerwatch').")
-        version = f.attrs.get("format_version")
-        if not isinstance(version, (int, np.integer)) or int(version) != FORMAT_VERSION:
+        version = _attr(f, "format_version", strict=True)
+        if isinstance(version, bool) or not isinstance(version, int) \
+                or version != FORMAT_VERSION:
             raise RecordingError(
-                f"{self.path} has format_version={version!r}; this layerwatch reads "
-                f"version {FORMAT_VERSION}. Upgrade layerwatch to read newer files.")
-        for name in ("steps", "epochs", "wall_time", "activations", "probes/x", "status",
-                     "metrics/batch/step", "metrics/batch/names", "metrics/batch/values",
-                     "metrics/epoch/epoch", "metrics/epoch/step", "metrics/epoch/names",
-                     "metrics/epoch/values"):
-            if name not in f:
-                raise RecordingError(f"{self.path} is damaged: '{name}' is missing.")
+                f"{self.path} has format_version={_printable(repr(version))[:40]}; this "
+                f"layerwatch reads version {FORMAT_VERSION}. Upgrade layerwatch to read "
+                "newer files.")
         for name in ("steps", "epochs", "wall_time"):
-            if f[name].ndim != 1:
-                raise RecordingError(f"{self.path} is damaged: '{name}' is not 1-D.")
-        px = f["probes/x"]
-        if px.ndim < 2 or px.ndim > _MAX_RANK + 1 or px.size > _MAX_SNAPSHOT_ELEMENTS // 8:
-            raise RecordingError(f"{self.path} is damaged: probes/x has shape {px.shape}.")
-        if "probes/y" in f and f["probes/y"].shape != (px.shape[0],):
-            raise RecordingError(f"{self.path} is damaged: probes/y does not match probes/x.")
-        group = f["activations"]
-        if not isinstance(group, h5py.Group) or len(group) > _MAX_LAYERS:
-            raise RecordingError(f"{self.path} is damaged: bad 'activations' group.")
+            ds = self._dataset(name, ndim=(1,), kinds="iuf")
+            if ds.shape[0] > _MAX_SNAPSHOTS:
+                raise self._damaged(f"'{name}' declares {ds.shape[0]} snapshots.")
+        status = self._dataset("status", ndim=(1,), kinds="iu")
+        if status.shape != (1,):
+            raise self._damaged(f"'status' has shape {status.shape}; expected (1,).")
+        if "heartbeat" in f:
+            self._dataset("heartbeat", ndim=(1,), kinds="f")
+        px = self._dataset("probes/x", ndim=range(2, _MAX_RANK + 2), kinds="fiub")
+        if px.size > _MAX_PROBE_ELEMENTS or px.shape[0] < 1:
+            raise self._damaged(f"probes/x has shape {px.shape}.")
+        if "probes/y" in f:
+            py = self._dataset("probes/y", ndim=(1,), kinds="iu")
+            if py.shape != (px.shape[0],):
+                raise self._damaged("probes/y does not match probes/x.")
+        group = self._group("activations")
+        if len(group) > _MAX_LAYERS:
+            raise self._damaged(f"'activations' holds {len(group)} entries.")
         layers = []
         for key in group:
-            ds = group[key]
-            if not isinstance(ds, h5py.Dataset):
-                raise RecordingError(f"{self.path} is damaged: activations/{key} is a group.")
+            ds = self._dataset(f"activations/{key}", ndim=range(3, _MAX_RANK + 3), kinds="f")
             shape = ds.shape
-            if (len(shape) < 3 or len(shape) > _MAX_RANK + 2 or shape[1] != px.shape[0]
-                    or int(np.prod(shape[1:], dtype=np.float64)) > _MAX_SNAPSHOT_ELEMENTS
-                    or ds.dtype.kind != "f"):
-                raise RecordingError(
-                    f"{self.path} is damaged: activations/{key} has shape {shape} and dtype "
-                    f"{ds.dtype}; expected (snapshots, {px.shape[0]} probes, ...) floats.")
+            per_snapshot = int(np.prod(shape[1:], dtype=np.float64))
+            if shape[1] != px.shape[0] or per_snapshot > _MAX_SNAPSHOT_ELEMENTS \
+                    or per_snapshot == 0 or shape[0] > _MAX_SNAPSHOTS:
+                raise self._damaged(
+                    f"activations/{_printable(key)} has shape {shape}; expected (snapshots, "
+                    f"{px.shape[0]} probes, ...) with at most {_MAX_SNAPSHOT_ELEMENTS} "
+                    "values per snapshot.")
             layers.append(_layer_info(key, ds))
         if not layers:
             raise RecordingError(f"{self.path} holds no recorded layer.")
         self.layers: list[LayerInfo] = layers
-        for group_name in ("batch", "epoch"):
-            g = f["metrics"][group_name]
-            if g["names"].ndim != 1 or g["names"].shape[0] > _MAX_METRICS \
-                    or g["values"].ndim != 2 or g["names"].dtype.kind != "S":
-                raise RecordingError(f"{self.path} is damaged: bad metrics/{group_name}.")
+        for group_name, index_names in (("batch", ("step",)), ("epoch", ("epoch", "step"))):
+            self._group(f"metrics/{group_name}")
+            names = self._dataset(f"metrics/{group_name}/names", ndim=(1,), kinds="S")
+            values = self._dataset(f"metrics/{group_name}/values", ndim=(2,), kinds="f")
+            if names.shape[0] > _MAX_METRICS or names.dtype.itemsize > 1024:
+                raise self._damaged(f"metrics/{group_name}/names is too large.")
+            for name in index_names:
+                ds = self._dataset(f"metrics/{group_name}/{name}", ndim=(1,), kinds="iu")
+                if ds.shape[0] > _MAX_SNAPSHOTS * 4:
+                    raise self._damaged(f"metrics/{group_name}/{name} is too long.")
+            rows = min(values.shape[0], f[f"metrics/{group_name}/step"].shape[0])
+            if rows * min(values.shape[1], names.shape[0]) > _MAX_METRIC_ELEMENTS:
+                raise self._damaged(f"metrics/{group_name}/values has shape {values.shape}.")
+
+    def _group(self, name: str) -> h5py.Group:
+        obj = self._resolve(name)
+        if not isinstance(obj, h5py.Group):
+            raise self._damaged(f"'{name}' is not a group.")
+        return obj
+
+    def _dataset(self, name: str, *, ndim, kinds: str) -> h5py.Dataset:
+        ds = self._resolve(name)
+        label = _printable(name)
+        if not isinstance(ds, h5py.Dataset):
+            raise self._damaged(f"'{label}' is not a dataset.")
+        if ds.ndim not in ndim:
+            raise self._damaged(f"'{label}' has {ds.ndim} dimensions.")
+        if ds.dtype.kind not in kinds or ds.dtype.itemsize > 8 and ds.dtype.kind != "S":
+            raise self._damaged(f"'{label}' has dtype {ds.dtype}.")
+        if ds.is_virtual:
+            raise self._damaged(f"'{label}' is a virtual dataset (data in other files).")
+        plist = ds.id.get_create_plist()
+        if plist.get_external_count():
+            raise self._damaged(f"'{label}' keeps its data in external files.")
+        for i in range(plist.get_nfilters()):
+            code = plist.get_filter(i)[0]
+            if code not in _SAFE_FILTERS:
+                raise self._damaged(
+                    f"'{label}' uses HDF5 filter {code}, which layerwatch does not load "
+                    "(only built-in filters are trusted).")
+        if ds.chunks is not None \
+                and int(np.prod(ds.chunks, dtype=np.float64)) > _MAX_SNAPSHOT_ELEMENTS:
+            raise self._damaged(f"'{label}' has chunks {ds.chunks}.")
+        return ds
+
+    def _resolve(self, name: str):
+        """Follow ``name`` through hard links only: soft and external links
+        (which could point into other files) are not part of the format."""
+        obj = self._f
+        for part in name.split("/"):
+            if not isinstance(obj, h5py.Group) or part not in obj:
+                raise self._damaged(f"'{_printable(name)}' is missing.")
+            link = obj.get(part, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                raise self._damaged(f"'{_printable(name)}' is a link, not data.")
+            obj = obj[part]
+        return obj
+
+    def _count(self) -> None:
+        """How many snapshots are committed: the shortest per-snapshot dataset,
+        cut where ``steps`` stops increasing (an index that grew on disk
+        before its values were written reads as the fill value -1)."""
+        f = self._f
+        n = min(f[name].shape[0] for name in ("steps", "epochs", "wall_time"))
+        for layer in self.layers:
+            n = min(n, f["activations"][layer.key].shape[0])
+        steps = np.asarray(f["steps"][:n], dtype=np.int64)
+        bad = np.flatnonzero((steps < 0) | (np.diff(steps, prepend=-1) <= 0))
+        if len(bad):
+            n = int(bad[0])
+        self._n = int(n)
+        self._steps = steps[:n]
+
+    def _metric_rows(self, group: str) -> int:
+        g = self._f["metrics"][group]
+        step = g["step"]
+        n = min(g["values"].shape[0], step.shape[0])
+        if "epoch" in g:
+            n = min(n, g["epoch"].shape[0])
+        with self._reading():
+            steps = np.asarray(step[:n], dtype=np.int64)
+        bad = np.flatnonzero(steps < 0)
+        return int(bad[0]) if len(bad) else int(n)
 
     # -- what is in it ------------------------------------------------------ #
 
     @property
     def attrs(self) -> dict[str, Any]:
-        """The root attributes (run metadata), as plain Python values."""
-        out = {}
-        for key, value in self._f.attrs.items():
-            if isinstance(value, bytes):
-                value = value.decode("utf-8", "replace")
-            elif isinstance(value, np.generic):
-                value = value.item()
-            out[key] = value
+        """The root attributes (run metadata), as plain Python values.
+
+        Attributes too large or of types that are not plain values are left out.
+        """
+        out: dict[str, Any] = {}
+        with self._reading():
+            for i, key in enumerate(self._f.attrs):
+                if i >= _MAX_ATTRS:
+                    break
+                value = _attr(self._f, key)
+                if value is not None:
+                    out[_printable(key)[:200]] = value
         return out
 
     @property
     def storage_dtype(self) -> str:
-        return str(self._f.attrs.get("storage_dtype", "float16"))
+        value = _attr(self._f, "storage_dtype")
+        return value if value in ("float16", "float32", "float64") else "float16"
 
     def text(self, name: str) -> str | None:
         """A JSON/text document from ``/meta`` (``model_config``, ``summary``)."""
-        ds = self._f.get(f"meta/{name}")
-        if not isinstance(ds, h5py.Dataset) or ds.shape != () or ds.dtype.kind not in "OS":
-            return None
-        if ds.id.get_storage_size() > _MAX_TEXT_BYTES:
-            return None
-        value = ds[()]
+        with self._reading():
+            group = self._f.get("meta")
+            if not isinstance(group, h5py.Group) or name not in group \
+                    or not isinstance(group.get(name, getlink=True), h5py.HardLink):
+                return None
+            ds = group[name]
+            if not isinstance(ds, h5py.Dataset) or ds.shape != () \
+                    or ds.dtype.kind not in "OS" or ds.is_virtual \
+                    or ds.id.get_create_plist().get_external_count():
+                return None
+            if ds.dtype.kind == "O" and h5py.check_string_dtype(ds.dtype) is None:
+                return None
+            if ds.id.get_storage_size() > _MAX_TEXT_BYTES:
+                return None
+            value = ds[()]
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
     @property
     def num_snapshots(self) -> int:
-        """Snapshots fully written: the length of ``steps`` capped by every layer's."""
-        n = min(self._f[name].shape[0] for name in ("steps", "epochs", "wall_time"))
-        for layer in self.layers:
-            n = min(n, self._f["activations"][layer.key].shape[0])
-        return int(n)
+        """Snapshots fully written (committed) when the file was opened or refreshed."""
+        return self._n
 
     @property
     def steps(self) -> np.ndarray:
-        return self._f["steps"][: self.num_snapshots].astype(np.int64)
+        return self._steps.copy()
 
     @property
     def epochs(self) -> np.ndarray:
-        return self._f["epochs"][: self.num_snapshots].astype(np.int64)
+        with self._reading():
+            return np.asarray(self._f["epochs"][: self._n], dtype=np.int64)
 
     @property
     def wall_time(self) -> np.ndarray:
-        return self._f["wall_time"][: self.num_snapshots].astype(np.float64)
+        with self._reading():
+            return np.asarray(self._f["wall_time"][: self._n], dtype=np.float64)
 
     @property
     def status(self) -> int:
-        return int(self._f["status"][0])
+        """``STATUS_RECORDING`` (0), ``STATUS_COMPLETE`` (1) or ``STATUS_STOPPED`` (2)."""
+        with self._reading():
+            return int(self._f["status"][0])
 
     @property
     def closed_cleanly(self) -> bool:
@@ -587,14 +817,50 @@ class Run:
 
     @property
     def heartbeat(self) -> float | None:
-        ds = self._f.get("heartbeat")
-        return float(ds[0]) if isinstance(ds, h5py.Dataset) and ds.shape == (1,) else None
+        """Wall time of the writer's last flush (it flushes at least every
+        ``flush_seconds`` while alive)."""
+        with self._reading():
+            ds = self._f.get("heartbeat")
+            if isinstance(ds, h5py.Dataset) and ds.shape == (1,) and ds.dtype.kind == "f":
+                return float(ds[0])
+        return None
+
+    @property
+    def writer_state(self) -> str:
+        """Whether a writer is still at work on this file.
+
+        ``"closed"``: the status is complete or stopped. ``"live"``: the
+        writing process is running (same host) and has written recently.
+        ``"gone"``: the status says recording but the writing process is gone
+        (killed or crashed). ``"stalled"``: the process runs but has not
+        written for much longer than its flush interval (recording stopped
+        after an error it could not mark in the file). ``"unknown"``: written
+        on another host, and it wrote recently.
+        """
+        if self.status != STATUS_RECORDING:
+            return "closed"
+        attrs = {key: _attr(self._f, key)
+                 for key in ("writer_pid", "writer_host", "flush_seconds")}
+        interval = attrs["flush_seconds"]
+        interval = float(interval) if isinstance(interval, (int, float)) \
+            and 0 < interval < 1e6 else 2.0
+        beat = self.heartbeat
+        silent = beat is not None and time.time() - beat > 10 * interval + 30
+        pid, host = attrs["writer_pid"], attrs["writer_host"]
+        if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 1 << 22 \
+                and host == socket.gethostname():
+            if not _process_exists(pid):
+                return "gone"
+            return "stalled" if silent else "live"
+        return "gone" if silent else "unknown"
 
     def probes_x(self) -> np.ndarray:
-        return self._f["probes/x"][()]
+        with self._reading():
+            return self._f["probes/x"][()]
 
     def probes_y(self) -> np.ndarray | None:
-        return self._f["probes/y"][()] if "probes/y" in self._f else None
+        with self._reading():
+            return self._f["probes/y"][()] if "probes/y" in self._f else None
 
     def layer(self, key: str) -> LayerInfo:
         for layer in self.layers:
@@ -604,86 +870,170 @@ class Run:
 
     def activations(self, key: str, index: Any = slice(None)) -> np.ndarray:
         """Activations of one layer, indexed along snapshots (as float32)."""
-        ds = self._f["activations"][self.layer(key).key]
+        layer = self.layer(key)
         n = self.num_snapshots
-        if isinstance(index, slice):
-            index = range(*index.indices(n))
-            if index.step == 1:
-                return ds[index.start:index.stop].astype(np.float32)
         if isinstance(index, (int, np.integer)):
             i = int(index) + (n if index < 0 else 0)
             if not 0 <= i < n:
                 raise IndexError(index)
-            return ds[i].astype(np.float32)
-        return np.stack([ds[int(i)] for i in index]).astype(np.float32)
+            index = i
+        elif isinstance(index, slice):
+            index = range(*index.indices(n))
+        else:
+            index = [int(i) for i in index]
+            if any(not 0 <= i < n for i in index):
+                raise IndexError(f"snapshot index out of range 0..{n - 1}")
+        with self._reading():
+            ds = self._f["activations"][layer.key]
+            if isinstance(index, int):
+                return ds[index].astype(np.float32)
+            if isinstance(index, range) and index.step == 1:
+                return ds[index.start:index.stop].astype(np.float32)
+            if not len(index):
+                return np.zeros((0,) + ds.shape[1:], dtype=np.float32)
+            return np.stack([ds[i] for i in index]).astype(np.float32)
 
     def iter_activations(self, key: str, indices: Sequence[int] | None = None
                          ) -> Iterator[np.ndarray]:
         """Yield one snapshot (probes, *shape) at a time, reading from disk."""
-        ds = self._f["activations"][self.layer(key).key]
-        for i in (range(self.num_snapshots) if indices is None else indices):
-            yield ds[int(i)].astype(np.float32)
+        layer = self.layer(key)
+        n = self.num_snapshots
+        for i in (range(n) if indices is None else indices):
+            if not 0 <= int(i) < n:
+                raise IndexError(f"snapshot index {i} out of range 0..{n - 1}")
+            with self._reading():
+                snapshot = self._f["activations"][layer.key][int(i)].astype(np.float32)
+            yield snapshot
+
+    def first_nonfinite(self, key: str) -> int | None:
+        """Index of the first snapshot of a layer holding NaN or ±inf, if any.
+
+        Streams the layer in blocks, so memory stays bounded on long runs.
+        """
+        layer = self.layer(key)
+        per_snapshot = max(1, int(np.prod((self._f["probes/x"].shape[0],) + layer.shape)))
+        block = max(1, _SCAN_ELEMENTS // per_snapshot)
+        with self._reading():
+            ds = self._f["activations"][layer.key]
+            for start in range(0, self._n, block):
+                values = ds[start:min(start + block, self._n)]
+                finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+                if not finite.all():
+                    return start + int(np.argmin(finite))
+        return None
 
     def metrics(self, group: str = "batch") -> Metrics:
         """Scalar logs: ``"batch"`` (every logged step) or ``"epoch"`` (epoch ends)."""
-        g = self._f["metrics"][group]
-        names = [n.decode("utf-8", "replace") for n in g["names"][:]]
-        values = g["values"]
-        n = min(values.shape[0], g["step"].shape[0])
-        vals = values[:n, : len(names)] if len(names) else np.zeros((n, 0))
-        if vals.shape[1] < len(names):  # a reader raced the writer growing columns
-            names = names[: vals.shape[1]]
-        return Metrics(names=names, steps=g["step"][:n].astype(np.int64),
-                       values=np.asarray(vals, dtype=np.float64),
-                       epochs=g["epoch"][:n].astype(np.int64) if "epoch" in g else None)
+        if group not in ("batch", "epoch"):
+            raise ValueError(f"group must be 'batch' or 'epoch'. Received: group={group!r}")
+        n = self._metric_rows(group)
+        with self._reading():
+            g = self._f["metrics"][group]
+            names = [_printable(v.decode("utf-8", "replace")) for v in g["names"][:]]
+            values = g["values"]
+            vals = values[:n, : len(names)] if len(names) else np.zeros((n, 0))
+            if vals.shape[1] < len(names):  # a reader raced the writer growing columns
+                names = names[: vals.shape[1]]
+            return Metrics(names=names, steps=np.asarray(g["step"][:n], dtype=np.int64),
+                           values=np.asarray(vals, dtype=np.float64),
+                           epochs=np.asarray(g["epoch"][:n], dtype=np.int64)
+                           if "epoch" in g else None)
 
     def refresh(self) -> None:
-        """See what a live writer has flushed since the file was opened."""
-        for name in ("steps", "epochs", "wall_time", "status", "heartbeat"):
-            if name in self._f:
-                self._f[name].refresh()
-        for ds in self._f["activations"].values():
-            ds.refresh()
-        for group in ("batch", "epoch"):
-            for ds in self._f["metrics"][group].values():
-                ds.refresh()
+        """See what a live writer has committed since the file was opened."""
+        with self._reading():
+            for name in ("steps", "epochs", "wall_time", "status", "heartbeat"):
+                if name in self._f:
+                    self._f[name].refresh()
+            for layer in self.layers:
+                self._f["activations"][layer.key].refresh()
+            for group in ("batch", "epoch"):
+                for ds in self._f["metrics"][group].values():
+                    ds.refresh()
+            self._validate()
+            self._count()
 
     def storage_bytes(self) -> tuple[int, int]:
         """(bytes on disk, bytes as raw float32) of all activations."""
         stored = raw = 0
         n = self.num_snapshots
-        for layer in self.layers:
-            ds = self._f["activations"][layer.key]
-            stored += ds.id.get_storage_size()
-            raw += n * int(np.prod(ds.shape[1:])) * 4
+        with self._reading():
+            for layer in self.layers:
+                ds = self._f["activations"][layer.key]
+                stored += ds.id.get_storage_size()
+                raw += n * int(np.prod(ds.shape[1:])) * 4
         return stored, raw
 
 
-def _layer_info(key: str, ds: h5py.Dataset) -> LayerInfo:
-    attrs = ds.attrs
+def _attr(obj: h5py.HLObject, name: str, *, strict: bool = False) -> Any:
+    """One attribute as a plain value (str, int, float, bool or a small numeric
+    array), or None when it is absent, too large or not a plain value. The
+    size is checked before anything is read. With ``strict``, an attribute
+    HDF5 cannot read (a damaged file) raises instead of reading as absent."""
+    try:
+        if name not in obj.attrs:
+            return None
+        aid = h5py.h5a.open(obj.id, name.encode("utf-8"))
+        shape = aid.shape
+        if shape is None or int(np.prod(shape, dtype=np.float64)) > _MAX_ATTR_ELEMENTS \
+                or aid.get_storage_size() > _MAX_ATTR_BYTES:
+            return None
+        kind = aid.dtype.kind
+        if kind not in "biufSUO" or (kind == "O" and h5py.check_string_dtype(aid.dtype) is None):
+            return None
+        value = obj.attrs[name]
+    except Exception:  # unreadable on a damaged file
+        if strict:
+            raise
+        return None
+    if isinstance(value, bytes):
+        return _printable(value.decode("utf-8", "replace"))[:_MAX_STRING]
+    if isinstance(value, str):
+        return _printable(value)[:_MAX_STRING]
+    if isinstance(value, np.generic):
+        value = value.item()
+        return _printable(value.decode("utf-8", "replace")) if isinstance(value, bytes) \
+            else value
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return value
+    return None
 
-    def text(name: str, default: str = "") -> str:
-        value = attrs.get(name, default)
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", "replace")
-        return str(value)[:1000]
+
+def _printable(text: str) -> str:
+    """Text from a file, safe to print: control characters become '?'."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _layer_info(key: str, ds: h5py.Dataset) -> LayerInfo:
+    def text(name: str, default: str) -> str:
+        value = _attr(ds, name)
+        return value[:1000] if isinstance(value, str) else default
 
     value_range = None
-    raw_range = attrs.get("value_range")
-    if raw_range is not None:
+    raw_range = _attr(ds, "value_range")
+    if isinstance(raw_range, np.ndarray):
         arr = np.asarray(raw_range, dtype=np.float64).ravel()
         if arr.shape == (2,) and np.all(np.isfinite(arr)) and arr[0] < arr[1]:
             value_range = (float(arr[0]), float(arr[1]))
     per_probe = tuple(int(s) for s in ds.shape[2:])
-    channel_axis = attrs.get("channel_axis", len(per_probe) - 1)
-    try:
-        channel_axis = int(channel_axis)
-    except (TypeError, ValueError):
-        channel_axis = len(per_probe) - 1
-    if not -len(per_probe) <= channel_axis < len(per_probe):
+    channel_axis = _attr(ds, "channel_axis")
+    if not isinstance(channel_axis, int) or isinstance(channel_axis, bool) \
+            or not -len(per_probe) <= channel_axis < len(per_probe):
         channel_axis = len(per_probe) - 1
     return LayerInfo(key=key, shape=per_probe, layer_name=text("layer_name", key),
-                     layer_class=text("layer_class"), activation=text("activation"),
+                     layer_class=text("layer_class", ""), activation=text("activation", ""),
                      tensor=text("tensor", key), value_range=value_range,
                      channel_axis=channel_axis % len(per_probe))
 
@@ -693,25 +1043,81 @@ def _open_for_reading(path: str) -> h5py.File:
         raise RecordingError(f"{path} does not exist.")
     if os.path.isdir(path):
         raise RecordingError(f"{path} is a directory, not a recording.")
+    if not os.path.isfile(path):
+        raise RecordingError(f"{path} is not a regular file (not a layerwatch recording).")
     try:
-        if not h5py.is_hdf5(path):
-            raise RecordingError(f"{path} is not an HDF5 file (not a layerwatch recording).")
-    except OSError as exc:
+        is_hdf5 = h5py.is_hdf5(path)
+    except Exception as exc:
         raise RecordingError(f"Cannot read {path}: {_h5_reason(exc)}") from exc
-    errors = []
-    # SWMR reading works while a writer is live and after a writer died; files
-    # written by other tools may not support it, so fall back to a plain open.
-    for kwargs in ({"swmr": True}, {}):
+    if not is_hdf5:
+        raise RecordingError(f"{path} is not an HDF5 file (not a layerwatch recording).")
+    # A closed file opens plainly. A file a writer holds (live) or held when it
+    # was killed is flagged open-for-write and needs SWMR reading.
+    try:
+        return h5py.File(path, "r", locking=False)
+    except Exception as exc:
+        first = exc
+    try:
+        return _open_swmr(path)
+    except Exception:
+        pass
+    try:
+        # This process itself is writing the file (a notebook reading a run
+        # its own fit() is recording): HDF5 shares the open file, and the
+        # open only succeeds with the writer's locking settings.
+        return h5py.File(path, "r", swmr=True)
+    except Exception:
+        pass
+    raise RecordingError(f"{path} is damaged or unreadable: {_h5_reason(first)}")
+
+
+def _open_swmr(path: str) -> h5py.File:
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    fapl.set_file_locking(False, True)
+    _limit_read_attempts(fapl)
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ,
+                        fapl=fapl)
+    return h5py.File(fid)
+
+
+_SET_READ_ATTEMPTS: Any = None
+
+
+def _limit_read_attempts(fapl: h5py.h5p.PropFAID) -> None:
+    """Bound HDF5's retries of metadata that fails its checksum.
+
+    A SWMR reader retries such reads (a live writer may be mid-write) 100
+    times, doubling a sleep from 1 ns each time: on a damaged file that is a
+    hang of centuries. 16 tries sleep about a millisecond in all. h5py does
+    not expose H5Pset_metadata_read_attempts, so it is called through ctypes
+    in the HDF5 library h5py itself loaded; where that fails, HDF5's default
+    stays.
+    """
+    global _SET_READ_ATTEMPTS
+    if _SET_READ_ATTEMPTS is None:
+        _SET_READ_ATTEMPTS = False
         try:
-            return h5py.File(path, "r", locking=False, **kwargs)
-        except OSError as exc:
-            errors.append(exc)
-    raise RecordingError(f"{path} is damaged or unreadable: {_h5_reason(errors[-1])}")
+            import ctypes
+
+            with open("/proc/self/maps") as maps:
+                libs = {line.split()[-1] for line in maps
+                        if "libhdf5" in line and "_hl" not in line and "/" in line}
+            for lib in sorted(libs):
+                fn = getattr(ctypes.CDLL(lib), "H5Pset_metadata_read_attempts", None)
+                if fn is not None:
+                    fn.argtypes, fn.restype = [ctypes.c_int64, ctypes.c_uint], ctypes.c_int
+                    _SET_READ_ATTEMPTS = fn
+                    break
+        except Exception:
+            pass
+    if _SET_READ_ATTEMPTS:
+        _SET_READ_ATTEMPTS(fapl.id, 16)
 
 
 def _h5_reason(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    return _printable(text.splitlines()[0])[:300]
 
 
 def open_run(path: str | os.PathLike) -> Run:
@@ -732,7 +1138,15 @@ def read_run(path: str | os.PathLike) -> dict[str, Any]:
     long ones. Returns a dict with ``steps``, ``epochs``, ``probes_x``,
     ``probes_y``, ``activations`` (layer key → array (T, probes, ...)),
     ``layers`` (layer key → :class:`LayerInfo`), ``batch_metrics`` and
-    ``epoch_metrics`` (:class:`Metrics`) and ``attrs``.
+    ``epoch_metrics`` (:class:`Metrics`), ``attrs`` and ``status``.
+
+    Works on a file still being written (the snapshots committed so far) and
+    on one whose writer was killed.
+
+    Raises
+    ------
+    RecordingError
+        When the file is missing, not a layerwatch recording, or damaged.
 
     Examples
     --------
@@ -741,16 +1155,14 @@ def read_run(path: str | os.PathLike) -> dict[str, Any]:
     (291, 10, 28, 28, 4)
     """
     with open_run(path) as run:
-        try:
-            return {
-                "steps": run.steps, "epochs": run.epochs, "attrs": run.attrs,
-                "probes_x": run.probes_x(), "probes_y": run.probes_y(),
-                "layers": {layer.key: layer for layer in run.layers},
-                "activations": {layer.key: run.activations(layer.key) for layer in run.layers},
-                "batch_metrics": run.metrics("batch"), "epoch_metrics": run.metrics("epoch"),
-            }
-        except (OSError, ValueError, KeyError) as exc:
-            raise RecordingError(f"{path} is damaged: {_h5_reason(exc)}") from exc
+        return {
+            "steps": run.steps, "epochs": run.epochs, "attrs": run.attrs,
+            "status": run.status,
+            "probes_x": run.probes_x(), "probes_y": run.probes_y(),
+            "layers": {layer.key: layer for layer in run.layers},
+            "activations": {layer.key: run.activations(layer.key) for layer in run.layers},
+            "batch_metrics": run.metrics("batch"), "epoch_metrics": run.metrics("epoch"),
+        }
 
 
 def utc_now() -> str:

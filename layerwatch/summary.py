@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-
-from .store import STATUS_COMPLETE, STATUS_RECORDING, STATUS_STOPPED, Run, open_run
+from .store import STATUS_COMPLETE, STATUS_STOPPED, Run, _printable, open_run
 
 
 def describe_run(path: str | os.PathLike) -> str:
@@ -26,8 +25,9 @@ def _lines(run: Run) -> list[str]:
     steps, epochs = run.steps, run.epochs
     lines = [f"{run.path}: layerwatch recording (format {attrs.get('format_version')})"]
     lines.append(
-        f"  model {attrs.get('model_name', '?')}, keras {attrs.get('keras_version', '?')} "
-        f"({attrs.get('backend', '?')}), created {attrs.get('created', '?')}")
+        f"  model {_short(attrs.get('model_name', '?'))}, "
+        f"keras {_short(attrs.get('keras_version', '?'))} ({_short(attrs.get('backend', '?'))}),"
+        f" created {_short(attrs.get('created', '?'))}")
     lines.append(f"  status: {_status(run)}")
     if len(steps):
         lines.append(f"  snapshots: {len(steps)}, steps {steps[0]}..{steps[-1]}, "
@@ -35,14 +35,19 @@ def _lines(run: Run) -> list[str]:
     else:
         lines.append("  snapshots: 0")
     probes_y = run.probes_y()
-    lines.append(f"  probes: {run.probes_x().shape[0]} of shape {run.probes_x().shape[1:]}"
-                 + (f", labels {probes_y.tolist()}" if probes_y is not None else ""))
+    probes_shape = run.probes_x().shape
+    labels = probes_y.tolist() if probes_y is not None else None
+    if labels is not None and len(labels) > 20:
+        labels = labels[:20] + ["..."]
+    lines.append(f"  probes: {probes_shape[0]} of shape {probes_shape[1:]}"
+                 + (f", labels {labels}" if labels is not None else ""))
     lines.append("  layers:")
-    width = max(len(layer.key) for layer in run.layers)
+    width = min(40, max(len(layer.key) for layer in run.layers))
     for layer in run.layers:
         lines.append(
-            f"    {layer.key:<{width}}  {layer.layer_class:<16} {str(layer.shape):<16} "
-            f"{layer.activation:<10} recorded: {layer.tensor}")
+            f"    {_printable(layer.key):<{width}}  {layer.layer_class:<16} "
+            f"{str(layer.shape):<16} {layer.activation:<10} recorded: {layer.tensor}")
+    lines.extend(_nonfinite_lines(run, steps))
     for group in ("batch", "epoch"):
         metrics = run.metrics(group)
         if metrics.names:
@@ -60,6 +65,23 @@ def _lines(run: Run) -> list[str]:
     return lines
 
 
+def _short(value, limit: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _nonfinite_lines(run: Run, steps) -> list[str]:
+    """Where training diverged: the first snapshot with NaN/inf, per layer."""
+    found = []
+    for layer in run.layers:
+        index = run.first_nonfinite(layer.key)
+        if index is not None:
+            found.append(f"{_printable(layer.key)} from step {steps[index]}")
+    if not found:
+        return []
+    return ["  non-finite values (NaN/inf; training diverged?): " + ", ".join(found)]
+
+
 def _status(run: Run) -> str:
     status = run.status
     if status == STATUS_COMPLETE:
@@ -67,10 +89,21 @@ def _status(run: Run) -> str:
     if status == STATUS_STOPPED:
         return "incomplete: recording stopped early (training raised, or a write failed)"
     beat = run.heartbeat
-    ago = f"; last write {time.time() - beat:.0f} s ago" if beat else ""
-    if status == STATUS_RECORDING:
-        return ("not closed: still recording, or the run ended without closing "
-                f"(killed){ago}")
+    ago = f"last write {max(0.0, time.time() - beat):.0f} s ago" if beat else "no write seen"
+    pid = run.attrs.get("writer_pid", "?")
+    state = run.writer_state
+    if state == "live":
+        return f"recording (the writing process {pid} is running; {ago})"
+    if state == "gone":
+        return (f"incomplete: the run ended without closing (the writing process {pid} is "
+                f"gone: killed or crashed; {ago}). Every snapshot flushed before that is "
+                "readable; `layerwatch repair` lets tools without SWMR open the file.")
+    if state == "stalled":
+        return (f"incomplete: not closed, and the writing process {pid} has stopped writing "
+                f"({ago}): recording failed, or the process hangs.")
+    if status == 0:
+        return ("not closed: still recording on another host, or the run ended without "
+                f"closing ({ago})")
     return f"unknown status {status}"
 
 
