@@ -11,11 +11,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerWatch", "one_per_class", "open_run", "read_run", "render", "RecordingError",
-           "__version__"]
+__all__ = ["LayerWatch", "one_per_class", "open_run", "read_run", "render", "drift", "show",
+           "RecordingError", "__version__"]
 
 # Functions named like their module are bound here eagerly: a lazy binding would
 # be replaced by the submodule itself as soon as anything imports it.
+from .drift import drift  # noqa: E402
 from .probes import one_per_class  # noqa: E402
 from .render import render  # noqa: E402
 from .store import RecordingError, open_run, read_run  # noqa: E402
@@ -24,6 +25,7 @@ from .store import RecordingError, open_run, read_run  # noqa: E402
 # CLI do not need it, so the callback is imported on first use.
 _LAZY = {
     "LayerWatch": ("layerwatch.callback", "LayerWatch"),
+    "show": ("layerwatch.notebook", "show"),
 }
 
 

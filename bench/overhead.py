@@ -1,0 +1,272 @@
+"""What recording costs during training: epoch time with LayerWatch ÷ without.
+
+    python bench/overhead.py                       # batch 64 and 1024, 5 repeats
+    python bench/overhead.py --repeats 9           # tighter medians
+    python bench/overhead.py --quick               # tiny sizes, a smoke run (seconds)
+    KERAS_BACKEND=jax python bench/overhead.py     # any Keras 3 backend
+
+The seed model (recipes/mnist_tanh.py) trains on the bundled MNIST digits under
+three callback lists, taking turns on one model (per batch size):
+
+  none        no recording (the baseline)
+  layerwatch  LayerWatch(every=1) at default settings
+  naive       a naive recorder: keras.Model(inputs, conv outputs).predict(probes)
+              after every step, the arrays kept in a list
+
+Each condition first trains one epoch that is not timed (tracing and compiling).
+Then the runs alternate (none, layerwatch, naive, then the next repeat rotated);
+a run is one ``fit`` of enough epochs for at least 16 steps, timed from its
+first ``on_epoch_begin`` to its last ``on_epoch_end`` and divided by the epochs.
+The LayerWatch run also waits at its end until the writer thread has written
+everything queued, so compression and disk time are inside the figure (a small
+over-count: in a real run that tail overlaps later steps). Ratios are taken
+within a repeat (same machine load) and the median over repeats is reported;
+``cpu-ratio`` lines compare the process's CPU time (all threads, the writer's
+included) over the same spans, which other jobs on the machine disturb less.
+
+The script also counts how often the probe function's Python body runs (once
+per trace on compiling backends: it must be 1 however many steps are recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL before Keras loads)
+
+TARGETS = {64: 1.10, 1024: 1.03}
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 1024])
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per condition (default 5)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="timed epochs per run (default: enough for >= 16 steps)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="training examples (default: all 4,000 bundled)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes for a smoke run: 128 examples, batch 32, 1 repeat")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive recorder")
+    p.add_argument("--proposed", action="store_true",
+                   help="also time LayerWatch with the hot-path changes proposed in "
+                        "bench/README.md (monkeypatched, see _proposed())")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.repeats, args.train_size = [32], 1, 128
+    if args.repeats < 1 or (args.epochs is not None and args.epochs < 1):
+        p.error("--repeats and --epochs must be >= 1")
+    return args
+
+
+def _epoch_timer(drain=None):
+    """A callback timing a run's epochs, first begin to last end.
+
+    ``drain`` runs inside the timed span at the end of the run's last epoch.
+    """
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds_per_epoch = self.cpu_per_epoch = float("nan")
+
+        def on_train_begin(self, logs=None):
+            self._t0 = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self._t0 is None:
+                self._t0, self._first = time.perf_counter(), epoch
+                self._c0 = time.process_time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == self.params["epochs"] - 1:
+                if drain is not None:
+                    drain()
+                epochs = epoch - self._first + 1
+                self.seconds_per_epoch = (time.perf_counter() - self._t0) / epochs
+                self.cpu_per_epoch = (time.process_time() - self._c0) / epochs
+
+    return EpochTimer()
+
+
+def _naive_recorder(probes):
+    import keras
+
+    class NaiveRecorder(keras.callbacks.Callback):
+        """What one writes without layerwatch: predict() after every step."""
+
+        def __init__(self):
+            super().__init__()
+            self.snapshots: list = []
+            self._tap = None
+
+        def on_train_begin(self, logs=None):
+            if self._tap is None:
+                self._tap = keras.Model(self.model.inputs, _common.conv_outputs(self.model))
+            self.snapshots = []  # kept for one run, as a naive script would
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.snapshots.append(self._tap.predict(probes, verbose=0))
+
+    return NaiveRecorder()
+
+
+class _TraceCounter:
+    """Counts runs of the probe model's Python ``call`` (= traces when compiled)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.functions = 0
+
+    def install(self):
+        import layerwatch.callback as cb
+
+        original = cb.build_extractor
+
+        def counting_build_extractor(model, layers):
+            extractor, taps = original(model, layers)
+            self.functions += 1
+            inner = extractor.call
+
+            def call(*args, **kwargs):
+                self.calls += 1
+                return inner(*args, **kwargs)
+
+            extractor.call = call
+            return extractor, taps
+
+        cb.build_extractor = counting_build_extractor
+
+
+def _proposed():
+    """LayerWatch with the proposed hot-path changes (see bench/README.md), as a subclass.
+
+    1. The probes become a backend tensor once, not a numpy array converted by
+       Keras on every step.
+    2. The writer compresses with gzip level 4 without the shuffle filter: about
+       half the writer thread's time for 2 % more bytes (bench/storage.py).
+    """
+    import functools
+
+    import keras
+
+    import layerwatch.callback as cb
+    from layerwatch import LayerWatch
+
+    class NoShuffleRunWriter(cb.RunWriter):
+        create = classmethod(functools.partial(cb.RunWriter.create.__func__, shuffle=False))
+
+    class ProposedLayerWatch(LayerWatch):
+        def on_train_begin(self, logs=None):
+            cb.RunWriter = NoShuffleRunWriter  # only this callback's writer
+            try:
+                super().on_train_begin(logs)
+            finally:
+                cb.RunWriter = NoShuffleRunWriter.__mro__[1]
+            self._x_tensor = keras.ops.convert_to_tensor(self._x)
+
+        def _snapshot(self):
+            x = getattr(self, "_x_tensor", None)
+            return self._outputs(self._predict(self._x if x is None else x))
+
+    return ProposedLayerWatch
+
+
+def run(args) -> int:
+    import keras
+    import numpy as np
+
+    from layerwatch import LayerWatch
+
+    recipe = _common.seed_recipe()
+    x, y, probes, labels = _common.seed_data(train_size=args.train_size)
+    counter = _TraceCounter()
+    counter.install()
+    print(f"# bench/overhead.py — {_common.machine()}")
+    print(f"# seed model {recipe.__name__}, {len(x)} training examples, {len(probes)} probes, "
+          f"{args.repeats} repeat(s), {_common.load_average()}")
+    tmp = tempfile.mkdtemp(prefix="layerwatch-bench-")
+    exit_code = 0
+    for batch in args.batch_sizes:
+        # One model per batch size, shared by all conditions: one compiled
+        # train step, and every condition pays for the same arithmetic.
+        model = recipe.build_model(seed=0)
+        conditions: dict[str, dict] = {}
+
+        def add(name, callbacks, drain=None):
+            timer = _epoch_timer(drain)
+            conditions[name] = {"callbacks": callbacks + [timer], "timer": timer}
+
+        add("none", [])
+        watch = LayerWatch(os.path.join(tmp, f"b{batch}.h5"), probes, labels, every=1)
+        add("layerwatch", [watch], drain=lambda w=watch: w._writer and w._writer.flush(wait=True))
+        if args.proposed:
+            proposed = _proposed()(os.path.join(tmp, f"b{batch}-proposed.h5"), probes, labels)
+            add("proposed", [proposed],
+                drain=lambda w=proposed: w._writer and w._writer.flush(wait=True))
+        if not args.no_naive:
+            add("naive", [_naive_recorder(probes)])
+
+        names = list(conditions)
+        for name in names:  # the untimed epoch: tracing, compiling, file creation
+            c = conditions[name]
+            model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=c["callbacks"])
+        traces_after_warmup = counter.calls
+        epochs = args.epochs or -(-16 // -(-len(x) // batch))
+        epoch_times = {name: [] for name in names}
+        cpu_times = {name: [] for name in names}
+        for r in range(args.repeats):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                c = conditions[name]
+                model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0,
+                          callbacks=c["callbacks"])
+                epoch_times[name].append(c["timer"].seconds_per_epoch)
+                cpu_times[name].append(c["timer"].cpu_per_epoch)
+        steps = -(-len(x) // batch)
+        print(f"\n## batch {batch} ({steps} steps per epoch, {epochs} epoch(s) per timed run)")
+        for name in names:
+            med, lo, hi = _common.median_spread(epoch_times[name])
+            print(f"epoch seconds {name:11s} median {med:7.3f}  (min {lo:.3f}, max {hi:.3f})"
+                  f"   per step {1e3 * med / steps:7.2f} ms")
+        for name in names[1:]:
+            ratios = [t / b for t, b in zip(epoch_times[name], epoch_times["none"])]
+            target = TARGETS.get(batch) if name == "layerwatch" else None
+            verdict = ""
+            if target is not None:
+                ok = statistics.median(ratios) <= target
+                verdict = f"   target <= {target:.2f}: {'met' if ok else 'MISSED'}"
+            print(f"ratio batch={batch} {name}/none = {_common.fmt_ratio(ratios)}{verdict}")
+        for name in names[1:]:
+            ratios = [t / b for t, b in zip(cpu_times[name], cpu_times["none"])]
+            print(f"cpu-ratio batch={batch} {name}/none = {_common.fmt_ratio(ratios)}"
+                  "   (process CPU time, all threads: steadier on a shared machine)")
+        print(f"probe function traces: {traces_after_warmup} during warm-up, "
+              f"{counter.calls - traces_after_warmup} during the {args.repeats} timed run(s), "
+              f"for {counter.functions} probe function(s) built "
+              f"[backend {keras.backend.backend()}; an eager backend runs it every step]")
+        counter.calls = counter.functions = 0
+        for c in conditions.values():
+            for cb in c["callbacks"]:
+                if hasattr(cb, "snapshots"):
+                    cb.snapshots = []
+        del conditions, model
+        keras.backend.clear_session()
+    print(f"\n# done, {_common.load_average()}")
+    return exit_code
+
+
+def main(argv=None) -> int:
+    return run(_parse(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""What a recording costs on disk, and what each compression choice costs to write.
+
+    python bench/storage.py                        # records a seed run (2 epochs, batch 64)
+    python bench/storage.py runs/mnist.h5          # or measures an existing recording
+    python bench/storage.py --quick                # tiny sizes, a smoke run
+
+First line: bytes on disk ÷ bytes of the same activations as raw float32, at
+the default settings (float16, shuffle + gzip level 4, one snapshot per chunk).
+Target: <= 0.25.
+
+Then a table: the same activations written again through layerwatch's own
+``RunWriter`` under each storage choice, with the ratio and the writer
+thread's CPU time per snapshot (``RunWriter._write``, which converts, compresses
+and writes; it runs beside training, so on a 2-core machine it competes with it).
+Rows marked "lossy" round float16 mantissas before compressing (a prototype,
+not a library option): they show what a coarser but still invisible precision
+would buy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+TARGET = 0.25
+
+#: (label, storage dtype, compression, gzip level, shuffle, mantissa bits kept or None)
+CHOICES = [
+    ("none", "float32", None, None, False, None),
+    ("none", "float16", None, None, False, None),
+    ("lzf", "float16", "lzf", None, False, None),
+    ("shuffle+lzf", "float16", "lzf", None, True, None),
+    ("gzip-1", "float16", "gzip", 1, False, None),
+    ("gzip-4", "float16", "gzip", 4, False, None),
+    ("gzip-9", "float16", "gzip", 9, False, None),
+    ("shuffle+gzip-1", "float16", "gzip", 1, True, None),
+    ("shuffle+gzip-4", "float16", "gzip", 4, True, None),   # the default
+    ("shuffle+gzip-6", "float16", "gzip", 6, True, None),
+    ("shuffle+gzip-9", "float16", "gzip", 9, True, None),
+    ("shuffle+lzf", "float32", "lzf", None, True, None),
+    ("shuffle+gzip-4", "float32", "gzip", 4, True, None),
+    ("shuffle+gzip-1 lossy 7-bit mantissa", "float16", "gzip", 1, True, 7),
+    ("shuffle+gzip-4 lossy 7-bit mantissa", "float16", "gzip", 4, True, 7),
+    ("shuffle+gzip-4 lossy 6-bit mantissa", "float16", "gzip", 4, True, 6),
+    ("shuffle+gzip-4 lossy 5-bit mantissa", "float16", "gzip", 4, True, 5),
+]
+DEFAULT = ("shuffle+gzip-4", "float16")
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("path", nargs="?", help="a recording to measure (default: record one)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of the recorded run (2)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--snapshots", type=int, default=None,
+                   help="rewrite only the first N snapshots in the table (default: all)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rewrites per choice; the median write time is reported (3)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.epochs, args.snapshots, args.repeats = 1, 8, 1
+        args.train_size = 128
+    else:
+        args.train_size = None
+    return args
+
+
+def record_seed_run(path: str, *, epochs: int, batch_size: int, train_size=None) -> None:
+    """Train the seed model with LayerWatch at default settings into ``path``."""
+    from layerwatch import LayerWatch
+
+    x, y, probes, labels = _common.seed_data(train_size=train_size)
+    model = _common.seed_recipe().build_model(seed=0)
+    model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0,
+              callbacks=[LayerWatch(path, probes, labels)])
+
+
+def round_mantissa(a, bits: int):
+    """float16 with only ``bits`` of its 10 mantissa bits (round to nearest)."""
+    import numpy as np
+
+    u = np.asarray(a, dtype=np.float16).view(np.uint16)
+    drop = 10 - bits
+    half = np.uint16(1 << (drop - 1))
+    mask = np.uint16((0xFFFF << drop) & 0xFFFF)
+    return ((u + half) & mask).view(np.float16)
+
+
+def rewrite(arrays, layers, probes_x, path, *, dtype, compression, level, shuffle, bits):
+    """Write ``arrays`` (list per snapshot of per-layer arrays) with one storage choice.
+
+    Returns (stored bytes, raw float32 bytes, writer CPU seconds, max abs error vs float32).
+    """
+    import numpy as np
+
+    from layerwatch.store import LayerSpec, RunWriter, open_run
+
+    specs = [LayerSpec(key=layer.key, shape=layer.shape) for layer in layers]
+    writer = RunWriter.create(path, layers=specs, probes_x=probes_x, probes_y=None,
+                              metadata={}, texts={}, storage_dtype=dtype,
+                              compression=compression, compression_opts=level,
+                              shuffle=shuffle)
+    spent = [0.0]
+    inner = writer._write
+
+    def timed_write(*job):
+        # CPU time of the writer thread: what it takes from training's cores,
+        # and far steadier than wall time on a shared machine.
+        t0 = time.thread_time()
+        inner(*job)
+        spent[0] += time.thread_time() - t0
+
+    writer._write = timed_write  # the thread looks it up per job
+    for i, snapshot in enumerate(arrays):
+        if bits is not None:
+            snapshot = [round_mantissa(a, bits) for a in snapshot]
+        writer.add_snapshot(i, 0, snapshot)
+    writer.close()
+    error = 0.0
+    with open_run(path) as run:
+        stored, raw = run.storage_bytes()
+        for j, layer in enumerate(run.layers):
+            back = run.activations(layer.key)
+            want = np.stack([s[j] for s in arrays])
+            error = max(error, float(np.max(np.abs(back - want))))
+    return stored, raw, spent[0], error
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from layerwatch.store import open_run
+
+    print(f"# bench/storage.py — {_common.machine()}, {_common.load_average()}")
+    tmp = tempfile.mkdtemp(prefix="layerwatch-bench-")
+    path = args.path
+    if path is None:
+        path = os.path.join(tmp, "seed.h5")
+        t0 = time.perf_counter()
+        record_seed_run(path, epochs=args.epochs, batch_size=args.batch_size,
+                        train_size=args.train_size)
+        print(f"# recorded the seed model, {args.epochs} epoch(s) at batch {args.batch_size}, "
+              f"in {time.perf_counter() - t0:.1f} s: {path}")
+    with open_run(path) as run_:
+        stored, raw = run_.storage_bytes()
+        n = run_.num_snapshots
+        layers = run_.layers
+        probes_x = run_.probes_x()
+        dtype = run_.storage_dtype
+        take = n if args.snapshots is None else min(n, args.snapshots)
+        per_layer = [run_.activations(layer.key, slice(0, take)) for layer in layers]
+    file_bytes = os.path.getsize(path)
+    print(f"# {n} snapshots, {len(layers)} layers, {len(probes_x)} probes, stored as {dtype}; "
+          f"raw float32 {raw / n / 1024:.1f} KiB per snapshot")
+    ratio = stored / raw
+    verdict = "met" if ratio <= TARGET else "MISSED"
+    print(f"ratio storage on-disk/raw-float32 = {ratio:.3f}  (activation chunks "
+          f"{stored / 2**20:.2f} MiB of {raw / 2**20:.2f} MiB; whole file {file_bytes / 2**20:.2f} "
+          f"MiB = {file_bytes / raw:.3f})   target <= {TARGET:.2f}: {verdict}")
+
+    # The table rewrites float32 activations: for a float16 recording these are
+    # the float16 values, so the float32 rows show storage cost, not precision.
+    arrays = [[a[i] for a in per_layer] for i in range(take)]
+    print(f"\n## storage choices, {take} snapshots rewritten through RunWriter "
+          "(blocks of 32, one snapshot per chunk), "
+          f"median write time of {args.repeats}")
+    print(f"{'choice':38s} {'dtype':8s} {'ratio':>6s} {'KiB/snap':>9s} {'write CPU ms/snap':>17s}"
+          f" {'max abs err':>12s}")
+    print("# max abs err: largest difference from the recording's own values")
+    for label, dt, comp, level, shuffle, bits in CHOICES:
+        out = os.path.join(tmp, "choice.h5")
+        times = []
+        for _ in range(args.repeats):
+            s, r, seconds, err = rewrite(arrays, layers, probes_x, out, dtype=dt,
+                                         compression=comp, level=level, shuffle=shuffle,
+                                         bits=bits)
+            times.append(seconds)
+        seconds = statistics.median(times)
+        mark = "  <- default" if (label, dt) == DEFAULT else ""
+        print(f"{label:38s} {dt:8s} {s / r:6.3f} {s / take / 1024:9.1f} "
+              f"{1e3 * seconds / take:17.2f} {err:12.2e}{mark}")
+        os.unlink(out)
+    print(f"# done, {_common.load_average()}")
+    return 0 if np.isfinite(ratio) else 1
+
+
+def main(argv=None) -> int:
+    return run(_parse(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

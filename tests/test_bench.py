@@ -1,0 +1,55 @@
+"""Smoke runs of the bench/ scripts' --quick modes.
+
+They assert only that each script runs and prints its ratio lines (and the
+facts it counts): timings belong in bench/, never in assertions.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run_quick(script: str, tmp_path) -> str:
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the scripts' files land in tmp_path
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _assert_ratio(out: str, what: str) -> None:
+    assert re.search(rf"^ratio {what} = \d+\.\d+", out, re.MULTILINE), out
+
+
+def test_overhead_quick(tmp_path):
+    out = _run_quick("overhead.py", tmp_path)
+    _assert_ratio(out, "batch=32 layerwatch/none")
+    _assert_ratio(out, "batch=32 naive/none")
+    traces = re.search(r"^probe function traces: (\d+) during warm-up, (\d+) during", out,
+                       re.MULTILINE)
+    assert traces, out
+    if "backend torch" not in out:  # compiled: one trace however many steps
+        assert traces.groups() == ("1", "0"), out
+
+
+def test_storage_quick(tmp_path):
+    out = _run_quick("storage.py", tmp_path)
+    _assert_ratio(out, "storage on-disk/raw-float32")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import storage
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = [line for line in out.splitlines()
+            if re.match(r"^\S.*\s(float16|float32)\s+\d+\.\d{3}\s", line)]
+    assert len(rows) == len(storage.CHOICES), out
+
+
+def test_memory_quick(tmp_path):
+    out = _run_quick("memory.py", tmp_path)
+    _assert_ratio(out, r"memory layerwatch peak-RSS 12/4 steps")
+    _assert_ratio(out, r"memory render peak-RSS \d+/\d+ snapshots")
