@@ -1,0 +1,189 @@
+"""The core of recording, under whichever Keras backend this process runs.
+
+The backend is fixed per process, so CI runs this file once per backend:
+
+    KERAS_BACKEND=jax LAYERWATCH_REQUIRE_BACKEND=jax python -m pytest tests/test_backends.py
+
+Locally, a backend that is not installed skips the file; in CI (``CI`` set)
+or with ``LAYERWATCH_REQUIRE_BACKEND`` it fails instead.
+"""
+
+import os
+import warnings
+
+import pytest
+
+BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
+REQUIRED = os.environ.get("LAYERWATCH_REQUIRE_BACKEND")
+
+try:
+    import keras
+except ImportError as exc:  # keras imports its backend: jax or torch may be missing
+    if REQUIRED or os.environ.get("CI"):
+        raise
+    pytest.skip(f"Keras backend {BACKEND!r} is not installed ({exc}); "
+                f"pip install layerwatch[{BACKEND}]", allow_module_level=True)
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from layerwatch import LayerWatch  # noqa: E402
+from layerwatch.cli import main  # noqa: E402
+
+ATOL = 2e-3  # float16 storage of values around 1
+
+
+def test_runs_under_the_required_backend():
+    assert keras.backend.backend() == (REQUIRED or BACKEND)
+
+
+def _model(steps_per_execution=1):
+    keras.utils.set_random_seed(0)
+    x = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(6, 3, activation="relu", name="conv1")(x)
+    h = keras.layers.Conv2D(5, 3, name="conv2")(h)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Activation("tanh", name="act")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    y = keras.layers.Dense(3, activation="softmax")(h)
+    model = keras.Model(x, y)
+    model.compile("adam", "sparse_categorical_crossentropy",
+                  steps_per_execution=steps_per_execution)
+    reference = keras.Model(x, [model.get_layer("conv1").output, model.get_layer("act").output])
+    return model, reference
+
+
+def _outputs(reference, probes):
+    return [keras.ops.convert_to_numpy(t) for t in reference(probes, training=False)]
+
+
+class _Reference(keras.callbacks.Callback):
+    """After each batch, the tapped tensors as the model computes them now."""
+
+    def __init__(self, reference, probes):
+        super().__init__()
+        self.reference, self.probes, self.seen = reference, probes, {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        model = self.model  # on JAX this re-attaches the training state
+        step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+        self.seen[step] = _outputs(self.reference, self.probes)
+
+
+def test_recorded_equals_recomputed_before_during_and_after(tmp_path, tiny_data):
+    x, y = tiny_data
+    model, reference = _model()
+    probes = x[:3]
+    before = _outputs(reference, probes)
+    during = _Reference(reference, probes)
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+              callbacks=[LayerWatch(path, probes, budget=None), during])
+    after = _outputs(reference, probes)
+    with h5py.File(path, "r") as f:
+        steps = f["steps"][:]
+        recorded = [f["activations/conv1"][:], f["activations/conv2"][:]]
+        assert f.attrs["backend"] == keras.backend.backend()
+        assert f["activations/conv2"].attrs["recorded_layer"] == "act"
+    assert steps.tolist() == list(range(13))
+    for rec, want in zip(recorded, before):
+        np.testing.assert_allclose(rec[0], want, atol=ATOL)
+    for rec, want in zip(recorded, after):
+        np.testing.assert_allclose(rec[-1], want, atol=ATOL)
+    # Mid-training: each snapshot is the model as it stood after that step.
+    assert sorted(during.seen) == list(range(1, 13))
+    for index, step in enumerate(steps[1:], start=1):
+        for rec, want in zip(recorded, during.seen[int(step)]):
+            np.testing.assert_allclose(rec[index], want, atol=ATOL)
+    assert not np.allclose(recorded[0][0], recorded[0][-1], atol=ATOL)  # training moved it
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras refuses steps_per_execution > 1 on torch")
+def test_steps_per_execution_records_true_steps(tmp_path, tiny_data):
+    x, y = tiny_data
+    model, reference = _model(steps_per_execution=4)
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+              callbacks=[LayerWatch(path, x[:3], budget=None)])
+    with h5py.File(path, "r") as f:
+        steps = f["steps"][:].tolist()
+        last = f["activations/conv1"][-1]
+    assert steps == [0, 4, 6, 10, 12]  # 6 batches per epoch, one call per 4 (or fewer)
+    np.testing.assert_allclose(last, _outputs(reference, x[:3])[0], atol=ATOL)
+
+
+def test_resume_appends_continuous_steps_and_renders(tmp_path, tiny_data):
+    x, y = tiny_data
+    model, reference = _model()
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[LayerWatch(path, x[:3], budget=None)])
+    model.fit(x, y, batch_size=8, epochs=2, initial_epoch=1, verbose=0,
+              callbacks=[LayerWatch(path, x[:3], mode="append", budget=None)])
+    with h5py.File(path, "r") as f:
+        assert f["steps"][:].tolist() == list(range(13))
+        np.testing.assert_allclose(f["activations/conv1"][-1],
+                                   _outputs(reference, x[:3])[0], atol=ATOL)
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "conv1" in result.output
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["render", str(path), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    import imageio.v3 as iio
+
+    frames = iio.imread(out / "conv1.gif", index=None)
+    assert len(frames) == 13
+
+
+@pytest.mark.parametrize("selection", ["first", "variance"])
+def test_max_channels_keeps_the_chosen_channels(tmp_path, tiny_data, selection):
+    x, y = tiny_data
+    model, reference = _model()
+    probes = x[:4]
+    before = _outputs(reference, probes)
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[LayerWatch(path, probes, max_channels=3, budget=None,
+                                    channel_selection=selection)])
+    after = _outputs(reference, probes)
+    with h5py.File(path, "r") as f:
+        ds = f["activations/conv1"]
+        channels = ds.attrs["channels"].tolist()
+        assert ds.shape == (7, 4, 6, 6, 3)
+        assert ds.attrs["channels_total"] == 6
+        first, last = ds[0], ds[-1]
+    if selection == "first":
+        assert channels == [0, 1, 2]
+    else:
+        spread = before[0].var(axis=0).mean(axis=(0, 1))
+        assert channels == sorted(np.argsort(-spread, kind="stable")[:3].tolist())
+    np.testing.assert_allclose(first, before[0][..., channels], atol=ATOL)
+    np.testing.assert_allclose(last, after[0][..., channels], atol=ATOL)
+
+
+def test_over_budget_warns_once_with_the_settings_that_fit(tmp_path, tiny_data):
+    x, y = tiny_data
+    model, _ = _model()
+    with pytest.warns(RuntimeWarning, match=r"above budget=1e-06\. every=\d+") as caught:
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+                  callbacks=[LayerWatch(tmp_path / "run.h5", x[:3], budget=1e-6)])
+    assert len([w for w in caught if "budget" in str(w.message)]) == 1
+
+
+def test_every_auto_thins_recording_to_the_budget(tmp_path, tiny_data):
+    x, y = tiny_data
+    model, _ = _model()
+    path = tmp_path / "run.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # auto adapts, it does not warn
+        model.fit(x, y, batch_size=8, epochs=4, verbose=0,
+                  callbacks=[LayerWatch(path, x[:3], every="auto", budget=1e-6)])
+    with h5py.File(path, "r") as f:
+        steps = f["steps"][:].tolist()
+    # Every step while measuring (2 warm-up + 8), then far apart, and the last.
+    assert steps[:11] == list(range(11))
+    assert steps[-1] == 24 and len(steps) <= 13
