@@ -146,6 +146,7 @@ class LayerWatch(keras.callbacks.Callback):
         self._channels: list[np.ndarray | None] = []
         self._totals: list[int] = []
         self._meter: _CostMeter | None = None
+        self._budget_checked = False
         self._writer: RunWriter | None = None
         self._extractor: keras.Model | None = None
         self._extractor_for: int | None = None
@@ -186,7 +187,9 @@ class LayerWatch(keras.callbacks.Callback):
         _open_writers.add(self._writer)
         if self._last_step != step:
             self._record(step, first)
-        self._meter = _CostMeter() if self.budget is not None else None
+        # Measured once per callback: a resumed or repeated fit() warns no more.
+        self._meter = _CostMeter() if self.budget is not None and not self._budget_checked \
+            else None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = int(epoch)
@@ -210,7 +213,7 @@ class LayerWatch(keras.callbacks.Callback):
                 self._meter.add(step, start, end, (end - written) if recorded else None)
                 if self._meter.done:
                     self._check_budget(self._meter)
-                    self._meter = None
+                    self._meter, self._budget_checked = None, True
         except Exception as exc:
             self._stop_recording(exc)
 

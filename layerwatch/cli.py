@@ -224,7 +224,7 @@ def repair(run: str) -> None:
     from .store import open_run, repair_run
 
     if not repair_run(run):
-        click.echo(f"{run} was closed normally; nothing to repair.")
+        click.echo(f"{run} was closed properly; nothing to repair.")
         return
     with open_run(run) as repaired:
         n = repaired.num_snapshots

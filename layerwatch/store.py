@@ -462,8 +462,8 @@ def repair_run(path: str | os.PathLike) -> bool:
     Returns
     -------
     bool
-        True if the file was rewritten, False if it was closed normally
-        (nothing to repair).
+        True if the file was rewritten, False if its writer closed it (complete
+        or stopped: nothing to repair).
 
     Raises
     ------
@@ -471,8 +471,13 @@ def repair_run(path: str | os.PathLike) -> bool:
         The file is not a readable recording, or its writer is still running.
     """
     path = os.fspath(path)
+    try:  # closed by its writer (complete or stopped): plain HDF5 opens it already
+        with h5py.File(path, "r", locking=False) as f:
+            closed = int(f["status"][0]) != STATUS_RECORDING
+    except Exception:
+        closed = False
     with open_run(path) as run:
-        if run.status == STATUS_COMPLETE:
+        if closed:
             return False
         if run.writer_state == "live":
             raise RecordingError(
