@@ -15,10 +15,10 @@ import keras
 import numpy as np
 
 from . import __version__
-from .extractor import (BOUNDED_RANGES, LayerSelector, Tap, build_extractor, input_spec,
-                        probe_function, select_channels)
+from .extractor import (BOUNDED_RANGES, LayerSelector, Tap, build_extractor,
+                        build_gram_extractor, input_spec, probe_function, select_channels)
 from .probes import check_labels, check_probes
-from .store import STATUS_COMPLETE, STATUS_STOPPED, LayerSpec, RunWriter, utc_now
+from .store import STATUS_COMPLETE, STATUS_STOPPED, LayerSpec, RunWriter, open_run, utc_now
 
 _MODES = ("new", "append", "overwrite")
 _CHANNEL_SELECTIONS = ("first", "variance")
@@ -99,12 +99,27 @@ class LayerWatch(keras.callbacks.Callback):
                  dtype: str = "float16", flush_seconds: float = 2.0,
                  flush_snapshots: int = 32, compression: str | None = "gzip",
                  max_channels: int | None = None, channel_selection: str = "first",
-                 budget: float | None = 0.2):
+                 budget: float | None = 0.2, analysis_probes: Any = None,
+                 analysis_every: int = 10):
         super().__init__()
         # A worker that will not write must not refuse the chief's file.
         self.path = _check_path(path, mode if _env_is_chief() else "overwrite")
         self.probes = check_probes(probes)
         self.probe_labels = check_labels(probe_labels, len(self.probes))
+        self.analysis_probes = None
+        if analysis_probes is not None:
+            self.analysis_probes = check_probes(analysis_probes, name="analysis_probes")
+            if len(self.analysis_probes) < 2 or self.analysis_probes.shape[1:] != \
+                    self.probes.shape[1:]:
+                raise ValueError(
+                    "analysis_probes must hold at least 2 inputs shaped like the probes "
+                    f"{self.probes.shape[1:]}. Received: analysis_probes.shape="
+                    f"{self.analysis_probes.shape}")
+        if isinstance(analysis_every, bool) or not isinstance(
+                analysis_every, (int, np.integer)) or analysis_every < 1:
+            raise ValueError("analysis_every must be an integer >= 1. Received: "
+                             f"analysis_every={analysis_every!r}")
+        self.analysis_every = int(analysis_every)
         self.auto_every = isinstance(every, str) and every == "auto"
         if self.auto_every:
             every = 1
@@ -147,6 +162,9 @@ class LayerWatch(keras.callbacks.Callback):
         self._totals: list[int] = []
         self._meter: _CostMeter | None = None
         self._budget_checked = False
+        self._grams: Any = None
+        self._xa: np.ndarray | None = None
+        self._last_analysis: int | None = None
         self._writer: RunWriter | None = None
         self._extractor: keras.Model | None = None
         self._extractor_for: int | None = None
@@ -169,19 +187,22 @@ class LayerWatch(keras.callbacks.Callback):
         first = self._snapshot()
         mode = "append" if self._owns_file else self.mode
         if mode == "append" and os.path.exists(self.path):
+            last_analysis = self._analysis_resume_point(step)
             self._writer = RunWriter.append(
                 self.path, layers=self._specs(first), probes_x=self._x,
                 probes_y=self.probe_labels, from_step=step,
                 flush_seconds=self.flush_seconds, flush_snapshots=self.flush_snapshots)
             self._last_step = self._writer.resumed_from
+            self._last_analysis = last_analysis
         else:
             self._writer = RunWriter.create(
                 self.path, layers=self._specs(first), probes_x=self._x,
                 probes_y=self.probe_labels, metadata=self._metadata(model),
                 texts=_model_texts(model), storage_dtype=self.dtype,
                 compression=self.compression, flush_seconds=self.flush_seconds,
-                flush_snapshots=self.flush_snapshots)
-            self._last_step = None
+                flush_snapshots=self.flush_snapshots, analysis_probes_x=self._xa,
+                analysis_every=self.analysis_every)
+            self._last_step = self._last_analysis = None
         self._owns_file = True
         self._failed = False
         _open_writers.add(self._writer)
@@ -232,7 +253,9 @@ class LayerWatch(keras.callbacks.Callback):
             try:
                 step = self._step()
                 if step != self._last_step:
-                    self._record(step, self._snapshot())
+                    self._record(step, self._snapshot(), final=True)
+                elif self._grams is not None and self._last_analysis != step:
+                    self._record(step, None, final=True)  # Grams for the final step
             except Exception as exc:
                 self._stop_recording(exc)
         self._close(status=STATUS_STOPPED if self._failed else STATUS_COMPLETE)
@@ -258,6 +281,9 @@ class LayerWatch(keras.callbacks.Callback):
         self._x = np.asarray(self.probes, dtype=dtype)
         self._extractor, self._taps = build_extractor(model, self.layers)
         self._predict = probe_function(model, self._extractor)
+        if self.analysis_probes is not None:
+            self._xa = np.asarray(self.analysis_probes, dtype=dtype)
+            self._grams = probe_function(model, build_gram_extractor(self._extractor))
         self._choose_channels(model)
         self._extractor_for = id(model)
 
@@ -306,9 +332,29 @@ class LayerWatch(keras.callbacks.Callback):
             outputs = [outputs]
         return [keras.ops.convert_to_numpy(o) for o in outputs]
 
-    def _record(self, step: int, arrays: list[np.ndarray]) -> None:
-        self._writer.add_snapshot(step, self._epoch, arrays)
+    def _record(self, step: int, arrays: list[np.ndarray] | None, *,
+                final: bool = False) -> None:
+        grams = None
+        if self._grams is not None and (
+                final or self._last_analysis is None
+                or step // self.analysis_every > self._last_analysis // self.analysis_every):
+            grams = self._outputs(self._grams(self._xa))
+            self._last_analysis = step
+        self._writer.add_snapshot(step, self._epoch, arrays, grams)
         self._last_step = step
+
+    def _analysis_resume_point(self, step: int) -> int | None:
+        """The last analysis step kept when appending at ``step``; appending must
+        not change whether (and on how many inputs) analysis Grams are kept."""
+        with open_run(self.path) as run:
+            stored, done = run.analysis_probe_count, run.analysis_steps
+        wanted = 0 if self._xa is None else len(self._xa)
+        if stored != wanted:
+            raise ValueError(
+                f"Cannot append to {self.path}: it was recorded with {stored} analysis probes, "
+                f"this run has {wanted}. Pass the same analysis_probes, or record a new file.")
+        done = done[done <= step]
+        return int(done[-1]) if len(done) else None
 
     def _step(self) -> int:
         return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))

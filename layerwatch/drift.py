@@ -73,6 +73,24 @@ def centered_gram(x: np.ndarray) -> np.ndarray | None:
     return xc @ xc.T
 
 
+def center_gram(k: np.ndarray) -> np.ndarray | None:
+    """Centre an uncentred linear Gram matrix ``K = XXᵀ`` into ``Xc Xcᵀ``.
+
+    ``H K H`` with ``H = I - 11ᵀ/n`` equals the Gram matrix of the
+    column-centred features, so recordings can keep ``n × n`` Grams instead of
+    wide activations. Returns None where :func:`centered_gram` would.
+    """
+    k = np.asarray(k, dtype=np.float64)
+    if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] < 2 \
+            or not np.all(np.isfinite(k)):
+        return None
+    kc = k - k.mean(axis=0, keepdims=True)
+    kc = kc - kc.mean(axis=1, keepdims=True)
+    if np.trace(kc) <= 1e-12 * max(np.trace(k), 1e-300):
+        return None  # no variation across the inputs (up to float32 rounding)
+    return kc
+
+
 def cka_from_grams(k: np.ndarray | None, l: np.ndarray | None) -> float:
     """Linear CKA from two centred Gram matrices (see :func:`centered_gram`).
 
@@ -261,6 +279,7 @@ class _Source:
     steps: np.ndarray
     probe_count: int
     iterate: Callable[[str, Sequence[int] | None], Iterator[np.ndarray]]
+    centre: Callable[[np.ndarray], np.ndarray | None] = centered_gram
 
 
 def _source(run: Any, probes: str) -> _Source:
@@ -274,7 +293,7 @@ def _source(run: Any, probes: str) -> _Source:
                          "(probes='auto').")
     if has_analysis and probes != "main":
         return _Source("analysis", np.asarray(run.analysis_steps, dtype=np.int64),
-                       int(run.analysis_probe_count), run.iter_analysis_activations)
+                       int(run.analysis_probe_count), run.iter_analysis_grams, center_gram)
     return _Source("main", np.asarray(run.steps, dtype=np.int64),
                    int(run.probes_x().shape[0]), run.iter_activations)
 
@@ -305,10 +324,10 @@ def drift_of_run(run: Any, *, layers: Sequence[str] | None = None, probes: str =
     to_final = np.full((len(keys), t), np.nan)
     consecutive = np.full((len(keys), t), np.nan)
     for row, key in enumerate(keys):
-        final = centered_gram(next(iter(source.iterate(key, [t - 1]))))
+        final = source.centre(next(iter(source.iterate(key, [t - 1]))))
         previous = None
         for i, snapshot in enumerate(source.iterate(key, range(t))):
-            gram = centered_gram(snapshot)
+            gram = source.centre(snapshot)
             to_final[row, i] = cka_from_grams(gram, final)
             if i > 0:
                 consecutive[row, i] = cka_from_grams(previous, gram)

@@ -86,25 +86,25 @@ def _as_class_ids(y: Any, *, name: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def check_probes(probes: Any) -> np.ndarray:
+def check_probes(probes: Any, *, name: str = "probes") -> np.ndarray:
     """Probes as a numeric array (probes, *input shape), or a clear error."""
     try:
         arr = np.asarray(probes)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"probes must be an array of inputs (probes, *input shape). "
+        raise ValueError(f"{name} must be an array of inputs (probes, *input shape). "
                          f"Received an object numpy cannot stack: {exc}") from None
     if arr.dtype.kind not in "biuf":
-        raise ValueError(f"probes must be numeric (float or integer images). Received: "
-                         f"probes.dtype={arr.dtype}")
+        raise ValueError(f"{name} must be numeric (float or integer images). Received: "
+                         f"{name}.dtype={arr.dtype}")
     if arr.ndim < 2 or arr.shape[0] < 1:
         raise ValueError(
-            "probes must be a batch shaped (probes, *input shape), e.g. (10, 28, 28, 1). "
-            f"Received: probes.shape={arr.shape}. For a single image use probes[None].")
+            f"{name} must be a batch shaped (probes, *input shape), e.g. (10, 28, 28, 1). "
+            f"Received: {name}.shape={arr.shape}. For a single image use probes[None].")
     if arr.shape[0] > _MAX_PROBES:
-        raise ValueError(f"probes holds {arr.shape[0]} inputs; at most {_MAX_PROBES} are "
+        raise ValueError(f"{name} holds {arr.shape[0]} inputs; at most {_MAX_PROBES} are "
                          "recorded per step. Pick a few representative ones (one_per_class).")
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        raise ValueError("probes contain NaN or infinite values. Received: "
+        raise ValueError(f"{name} contain NaN or infinite values. Received: "
                          f"{int(np.sum(~np.isfinite(arr)))} non-finite entries")
     return arr
 

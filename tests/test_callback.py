@@ -404,3 +404,55 @@ def test_memory_flat_buffers_are_bounded(tmp_path, tiny_data):
     with h5py.File(path, "r") as f:
         assert f["steps"].shape == (25,)
     assert os.path.getsize(path) > 0
+
+
+# ----------------------------------------------------------------------------- #
+# Analysis probes: Gram matrices for drift, at a lower rate
+# ----------------------------------------------------------------------------- #
+
+
+def test_analysis_probes_store_exact_grams_at_their_rate(tmp_path, tiny_data):
+    x, y = tiny_data
+    path = tmp_path / "run.h5"
+    model = tanh_relu_model()
+    extra = x[10:30]
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[
+        LayerWatch(path, x[:2], analysis_probes=extra, analysis_every=4, budget=None)])
+    after = conv_outputs(model, ["c1", "act"], extra)
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["steps"][:], np.arange(13))
+        np.testing.assert_array_equal(f["analysis/steps"][:], [0, 4, 8, 12])
+        assert f["analysis"].attrs["every"] == 4
+        np.testing.assert_array_equal(f["analysis/probes_x"][:], extra)
+        for key, act in zip(("c1", "c2"), after):
+            gram = f[f"analysis/gram/{key}"]
+            assert gram.shape == (4, 20, 20) and gram.dtype == np.float32
+            flat = act.reshape(20, -1).astype(np.float64)
+            np.testing.assert_allclose(gram[-1], flat @ flat.T, rtol=1e-4, atol=1e-4)
+
+
+def test_analysis_probes_cover_the_final_step_and_resume(tmp_path, tiny_data):
+    x, y = tiny_data
+    path = tmp_path / "run.h5"
+    model = tanh_relu_model()
+    watch = dict(analysis_probes=x[10:20], analysis_every=5, budget=None)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0,
+              callbacks=[LayerWatch(path, x[:2], **watch)])
+    model.fit(x, y, epochs=2, initial_epoch=1, batch_size=8, verbose=0,
+              callbacks=[LayerWatch(path, x[:2], mode="append", **watch)])
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["analysis/steps"][:], [0, 5, 6, 10, 12])
+    with pytest.raises(ValueError, match="recorded with 10 analysis probes, this run has 0"):
+        model.fit(x, y, epochs=3, initial_epoch=2, batch_size=8, verbose=0,
+                  callbacks=[LayerWatch(path, x[:2], mode="append", budget=None)])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"analysis_probes": np.zeros((1, 8, 8, 1))}, r"at least 2 inputs shaped like the probes"),
+    ({"analysis_probes": np.zeros((5, 9, 9, 1))}, r"Received: analysis_probes.shape=\(5, 9, 9, 1\)"),
+    ({"analysis_probes": [["a"]]}, r"analysis_probes must be numeric"),
+    ({"analysis_every": 0}, r"analysis_every must be an integer >= 1. Received: analysis_every=0"),
+])
+def test_bad_analysis_arguments_are_named(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LayerWatch(tmp_path / "r.h5", np.zeros((2, 8, 8, 1)), **kwargs)

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from layerwatch.cli import main
-from layerwatch.drift import (DriftResult, centered_gram, cka_from_grams, drift, drift_of_run,
-                              linear_cka, plot_drift, settled_step)
+from layerwatch.drift import (DriftResult, center_gram, centered_gram, cka_from_grams, drift,
+                              drift_of_run, linear_cka, plot_drift, settled_step)
 from layerwatch.store import LayerSpec, RunWriter, open_run
 
 
@@ -226,21 +226,31 @@ def test_drift_needs_two_probes(tmp_path):
 
 
 class _WithAnalysis:
-    """A Run that also holds analysis probes (the reader API drift uses for them)."""
+    """A Run that also holds analysis probes: the reader gives their uncentred
+    Gram matrices A Aᵀ (what LayerWatch(analysis_probes=...) stores)."""
 
     def __init__(self, run, analysis: dict[str, list[np.ndarray]], steps):
         self._run, self._analysis = run, analysis
         self.has_analysis = True
         self.analysis_steps = np.asarray(steps)
         self.analysis_probe_count = len(next(iter(analysis.values()))[0])
+        self.analysis_layers = list(analysis)
 
     def __getattr__(self, name):
         return getattr(self._run, name)
 
-    def iter_analysis_activations(self, key, indices=None):
+    def iter_analysis_grams(self, key, indices=None):
         snaps = self._analysis[self._run.layer(key).key]
         for i in (range(len(snaps)) if indices is None else indices):
-            yield snaps[i]
+            flat = snaps[i].reshape(len(snaps[i]), -1).astype(np.float64)
+            yield flat @ flat.T
+
+
+def test_centring_a_stored_gram_equals_centring_the_features():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(7, 30)) + 5.0
+    np.testing.assert_allclose(center_gram(x @ x.T), centered_gram(x), atol=1e-9)
+    assert center_gram(np.ones((4, 4))) is None  # identical inputs: no variation
 
 
 def test_drift_prefers_analysis_probes_when_the_run_has_them(tmp_path):
