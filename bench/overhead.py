@@ -114,6 +114,7 @@ def _naive_recorder(probes):
             self.snapshots = []  # kept for one run, as a naive script would
 
         def on_train_batch_end(self, batch, logs=None):
+            self.model  # on JAX, reading Callback.model syncs the trained weights back
             self.snapshots.append(self._tap.predict(probes, verbose=0))
 
     return NaiveRecorder()
