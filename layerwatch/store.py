@@ -111,8 +111,15 @@ class RunWriter:
                probes_y: np.ndarray | None, metadata: dict[str, Any], texts: dict[str, str],
                storage_dtype: str = "float16", compression: str | None = "gzip",
                compression_opts: int | None = 4, shuffle: bool = True,
-               flush_seconds: float = 2.0, flush_snapshots: int = 32) -> "RunWriter":
-        """Create a new recording at ``path`` (replacing any file there)."""
+               flush_seconds: float = 2.0, flush_snapshots: int = 32,
+               analysis_probes_x: np.ndarray | None = None,
+               analysis_every: int = 0) -> "RunWriter":
+        """Create a new recording at ``path`` (replacing any file there).
+
+        With ``analysis_probes_x`` (n inputs), the file also gets the
+        ``analysis`` group: per layer, the n×n Gram matrix of those inputs'
+        activations at the snapshots that carry one (see :meth:`add_snapshot`).
+        """
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         # Write into a temporary name, then move into place: a failure while
@@ -158,6 +165,8 @@ class RunWriter:
                 g.create_dataset("names", (0,), maxshape=(None,), dtype=_NAME_DTYPE, chunks=(64,))
                 g.create_dataset("values", (0, 0), maxshape=(None, None), dtype=np.float64,
                                  chunks=(256, 16), fillvalue=np.nan)
+            if analysis_probes_x is not None:
+                _create_analysis(f, layers, analysis_probes_x, analysis_every)
             f.create_dataset("status", data=np.array([STATUS_RECORDING], dtype=np.int8))
             f.create_dataset("heartbeat", data=np.array([time.time()], dtype=np.float64))
             f.close()
@@ -221,10 +230,15 @@ class RunWriter:
         """The exception that stopped the writer thread, if any."""
         return self._error
 
-    def add_snapshot(self, step: int, epoch: int, arrays: Sequence[np.ndarray]) -> None:
-        """Queue one snapshot: one array of shape (probes, *layer shape) per layer."""
+    def add_snapshot(self, step: int, epoch: int, arrays: Sequence[np.ndarray] | None,
+                     grams: Sequence[np.ndarray] | None = None) -> None:
+        """Queue one snapshot: one array of shape (probes, *layer shape) per layer,
+        and optionally one (n, n) analysis-probe Gram matrix per layer.
+        ``arrays=None`` queues the Grams alone, for a step already recorded."""
         with self._lock:
-            self._pending.append((int(step), int(epoch), time.time(), list(arrays)))
+            self._pending.append((int(step), int(epoch), time.time(),
+                                  None if arrays is None else list(arrays),
+                                  None if grams is None else list(grams)))
             full = len(self._pending) >= self._flush_snapshots
         if full:
             self.flush()
@@ -309,6 +323,7 @@ class RunWriter:
             raise RecordingError(f"{self._f.filename} was removed or replaced while recording.")
 
     def _work(self) -> None:
+        _lower_priority()
         while True:
             try:
                 job = self._queue.get(timeout=self._flush_seconds)
@@ -338,6 +353,8 @@ class RunWriter:
         f = self._f
         self._check_file()
         commits: list[tuple[h5py.Dataset, list[int]]] = []
+        with_grams = [s for s in snapshots if s[4] is not None]
+        snapshots = [s for s in snapshots if s[3] is not None]
         if snapshots:
             n = len(snapshots)
             t0 = f["steps"].shape[0]
@@ -351,6 +368,13 @@ class RunWriter:
                 ds.resize(t0 + n, axis=0)
                 ds[t0:t0 + n] = [s[column] for s in snapshots]
             commits.append((f["steps"], [s[0] for s in snapshots]))
+        if with_grams:
+            g0 = f["analysis/steps"].shape[0]
+            for i, key in enumerate(self._keys):
+                ds = f["analysis/gram"][key]
+                ds.resize(g0 + len(with_grams), axis=0)
+                ds[g0:] = np.stack([s[4][i] for s in with_grams]).astype(np.float32)
+            commits.append((f["analysis/steps"], [s[0] for s in with_grams]))
         if batch_logs:
             commits.append(_append_logs(f["metrics/batch"], [(s,) for s, _ in batch_logs],
                                         [logs for _, logs in batch_logs], ("step",)))
@@ -365,6 +389,41 @@ class RunWriter:
             ds[start:] = values
         f["heartbeat"][0] = time.time()
         f.flush()
+
+
+def _create_analysis(f: h5py.File, layers: Sequence[LayerSpec], probes_x: np.ndarray,
+                     every: int) -> None:
+    group = f.create_group("analysis")
+    group.attrs["every"] = int(every)
+    group.create_dataset("probes_x", data=probes_x)
+    group.create_dataset("steps", (0,), maxshape=(None,), dtype=np.int64, chunks=(1024,),
+                         fillvalue=-1)
+    grams = group.create_group("gram")
+    n = probes_x.shape[0]
+    for spec in layers:
+        grams.create_dataset(spec.key, (0, n, n), maxshape=(None, n, n), dtype=np.float32,
+                             chunks=(1, n, n), compression="gzip", compression_opts=4,
+                             shuffle=True)
+
+
+def _truncate_analysis(f: h5py.File, rows: int) -> None:
+    f["analysis/steps"].resize(rows, axis=0)
+    for ds in f["analysis/gram"].values():
+        ds.resize(min(rows, ds.shape[0]), axis=0)
+
+
+def _lower_priority() -> None:
+    """Let the writer thread use only CPU that training leaves idle.
+
+    Compression costs a few ms per snapshot; at normal priority it competes
+    with the training step's own threads. A nicer thread still keeps up (the
+    bounded queue makes the training loop wait if it ever falls behind), but
+    takes its time from idle cores first. Linux-only (per-thread nice values).
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
 
 
 def _append_logs(group: h5py.Group, index_rows, logs_rows, index_names
@@ -410,6 +469,9 @@ def _truncate(f: h5py.File, keep: int, from_step: int) -> None:
         f[name].resize(keep, axis=0)
     for ds in f["activations"].values():
         ds.resize(min(keep, ds.shape[0]), axis=0)
+    if "analysis" in f:
+        rows = int(np.searchsorted(f["analysis/steps"][:], from_step, side="right"))
+        _truncate_analysis(f, rows)
     for group in ("batch", "epoch"):
         g = f["metrics"][group]
         rows = int(np.searchsorted(g["step"][:], from_step, side="right"))
@@ -511,6 +573,11 @@ def _truncate_to(f: h5py.File, n: int, rows: dict[str, int]) -> None:
         f[name].resize(n, axis=0)
     for ds in f["activations"].values():
         ds.resize(n, axis=0)
+    if "analysis" in f:
+        steps = f["analysis/steps"]
+        complete = min([steps.shape[0]] + [ds.shape[0] for ds in f["analysis/gram"].values()])
+        last = int(f["steps"][n - 1]) if n else -1
+        _truncate_analysis(f, int(np.searchsorted(steps[:complete], last, side="right")))
     for group, count in rows.items():
         for ds in f["metrics"][group].values():
             if ds.name.rsplit("/", 1)[-1] != "names":
@@ -910,6 +977,73 @@ class Run:
                 snapshot = self._f["activations"][layer.key][int(i)].astype(np.float32)
             yield snapshot
 
+    # -- analysis probes (optional) ----------------------------------------- #
+
+    @property
+    def has_analysis(self) -> bool:
+        """Whether the run recorded analysis-probe Gram matrices."""
+        return self._analysis() is not None
+
+    def _analysis(self) -> tuple[h5py.Group, int, int] | None:
+        """(group, committed rows, probe count) of a well-formed analysis group."""
+        if "analysis" not in self._f:
+            return None
+        group = self._group("analysis")
+        steps = self._dataset("analysis/steps", ndim=(1,), kinds="iu")
+        probes = self._dataset("analysis/probes_x", ndim=range(2, _MAX_RANK + 2), kinds="biuf")
+        n = int(probes.shape[0])
+        grams = self._group("analysis/gram")
+        rows = steps.shape[0]
+        for key in grams:
+            ds = self._dataset(f"analysis/gram/{key}", ndim=(3,), kinds="f")
+            if ds.shape[1:] != (n, n) or n * n > _MAX_SNAPSHOT_ELEMENTS:
+                raise self._damaged(f"analysis/gram/{_printable(key)} has shape {ds.shape}.")
+            rows = min(rows, ds.shape[0])
+        with self._reading():
+            values = np.asarray(steps[:rows], dtype=np.int64)
+        bad = np.flatnonzero((values < 0) | (np.diff(values, prepend=-1) <= 0))
+        return group, int(bad[0]) if len(bad) else int(rows), n
+
+    @property
+    def analysis_steps(self) -> np.ndarray:
+        """Steps of the snapshots that carry analysis-probe Gram matrices."""
+        found = self._analysis()
+        if found is None:
+            return np.zeros(0, dtype=np.int64)
+        group, rows, _ = found
+        with self._reading():
+            return np.asarray(group["steps"][:rows], dtype=np.int64)
+
+    @property
+    def analysis_probe_count(self) -> int:
+        found = self._analysis()
+        return 0 if found is None else found[2]
+
+    @property
+    def analysis_layers(self) -> list[str]:
+        """Layer keys that have analysis Gram matrices."""
+        found = self._analysis()
+        return [] if found is None else [k for k in found[0]["gram"] if k in
+                                          {layer.key for layer in self.layers}]
+
+    def iter_analysis_grams(self, key: str, indices: Sequence[int] | None = None
+                            ) -> Iterator[np.ndarray]:
+        """Yield one (n, n) uncentred Gram matrix ``A Aᵀ`` of the analysis
+        probes' activations (A: n × features) at a time, as float64."""
+        found = self._analysis()
+        if found is None:
+            raise RecordingError(f"{self.path} holds no analysis probes.")
+        group, rows, _ = found
+        layer = self.layer(key)
+        if layer.key not in group["gram"]:
+            raise KeyError(key)
+        for i in (range(rows) if indices is None else indices):
+            if not 0 <= int(i) < rows:
+                raise IndexError(f"analysis index {i} out of range 0..{rows - 1}")
+            with self._reading():
+                gram = group["gram"][layer.key][int(i)].astype(np.float64)
+            yield gram
+
     def first_nonfinite(self, key: str) -> int | None:
         """Index of the first snapshot of a layer holding NaN or ±inf, if any.
 
@@ -1069,17 +1203,19 @@ def _open_for_reading(path: str) -> h5py.File:
     try:
         # This process itself is writing the file (a notebook reading a run
         # its own fit() is recording): HDF5 shares the open file, and the
-        # open only succeeds with the writer's locking settings.
-        return h5py.File(path, "r", swmr=True)
+        # open only succeeds with the writer's (default) locking settings.
+        return _open_swmr(path, disable_locking=False)
     except Exception:
         pass
     raise RecordingError(f"{path} is damaged or unreadable: {_h5_reason(first)}")
 
 
-def _open_swmr(path: str) -> h5py.File:
+def _open_swmr(path: str, *, disable_locking: bool = True) -> h5py.File:
+    """Open for SWMR reading with bounded retries; ``disable_locking=False``
+    keeps HDF5's default file locking (what h5py and the writer use)."""
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
-    fapl.set_file_locking(False, True)
+    if disable_locking:
+        fapl.set_file_locking(False, True)
     _limit_read_attempts(fapl)
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ,
                         fapl=fapl)

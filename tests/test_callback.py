@@ -26,7 +26,7 @@ def tanh_relu_model(*, bn: bool = False, spe: int = 1):
     if bn:
         h = keras.layers.BatchNormalization(name="bn")(h)
     h = keras.layers.ReLU(name="act")(h)
-    h = keras.layers.Flatten()(h)
+    h = keras.layers.Flatten(name="flatten")(h)
     out = keras.layers.Dense(3, activation="softmax", name="out")(h)
     model = keras.Model(inp, out, name="tiny")
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
@@ -394,7 +394,7 @@ def test_memory_flat_buffers_are_bounded(tmp_path, tiny_data):
             if writer is not None:
                 seen.append(len(writer._pending))
 
-    watch = LayerWatch(path, x[:2], flush_snapshots=3, flush_seconds=60)
+    watch = LayerWatch(path, x[:2], flush_snapshots=3, flush_seconds=60, budget=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tanh_relu_model().fit(x, y, epochs=2, batch_size=4, verbose=0,

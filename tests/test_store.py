@@ -1,0 +1,277 @@
+"""The reader against hostile files: every bad file is one clean RecordingError.
+
+Each case is checked twice: the library raises RecordingError with a message
+saying what is wrong, and ``layerwatch info`` prints one ``Error:`` line, exits
+non-zero and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from _recordings import make_run
+from layerwatch.cli import main
+from layerwatch.store import (STATUS_COMPLETE, RecordingError, open_run, read_run,
+                              repair_run)
+
+
+def _edit(path, change):
+    with h5py.File(path, "r+") as f:
+        change(f)
+
+
+def _replace(f, name, data, **kwargs):
+    del f[name]
+    f.create_dataset(name, data=data, **kwargs)
+
+
+def _huge_attr(f):
+    f.attrs["format"] = "layerwatch" + "x" * (2 << 20)
+
+
+def _big_array_attr(f):
+    f.attrs.create("format", np.zeros(200_000, dtype="f8"))
+
+
+def _absurd_layer(f):
+    del f["activations/conv1"]
+    f.create_dataset("activations/conv1", shape=(1, 3, 1 << 20, 1 << 20, 1),
+                     maxshape=(None, 3, 1 << 20, 1 << 20, 1), chunks=(1, 1, 64, 64, 1),
+                     dtype="f2")
+
+
+def _absurd_steps(f):
+    for name in ("steps", "epochs", "wall_time"):
+        del f[name]
+        f.create_dataset(name, shape=(1 << 40,), maxshape=(None,), chunks=(1024,), dtype="i8")
+
+
+def _soft_link(f):
+    f.move("steps", "steps_real")
+    f["steps"] = h5py.SoftLink("/steps_real")
+
+
+def _external_link(f, target):
+    del f["probes/x"]
+    f["probes/x"] = h5py.ExternalLink(target, "/data")
+
+
+def _external_storage(f, target):
+    del f["probes/x"]
+    f.create_dataset("probes/x", shape=(3, 8, 8, 1), dtype="u1",
+                     external=[(target, 0, h5py.h5f.UNLIMITED)])
+
+
+def _virtual(f, target):
+    layout = h5py.VirtualLayout(shape=(3, 8, 8, 1), dtype="f4")
+    layout[:] = h5py.VirtualSource(target, "data", shape=(3, 8, 8, 1))
+    del f["probes/x"]
+    f.create_virtual_dataset("probes/x", layout)
+
+
+HOSTILE = {
+    "format_version": (lambda f: f.attrs.__setitem__("format_version", 99),
+                       "has format_version=99; this layerwatch reads version 1"),
+    "format_string_version": (lambda f: f.attrs.__setitem__("format_version", "1"),
+                              "has format_version='1'"),
+    "missing_steps": (lambda f: f.__delitem__("steps"), "is damaged: 'steps' is missing."),
+    "missing_metrics": (lambda f: f.__delitem__("metrics/batch/values"),
+                        "'metrics/batch/values' is missing."),
+    "missing_activations": (lambda f: f.__delitem__("activations"),
+                            "'activations' is missing."),
+    "no_layers": (lambda f: [f["activations"].__delitem__(k) for k in list(f["activations"])],
+                  "holds no recorded layer."),
+    "steps_2d": (lambda f: _replace(f, "steps", np.zeros((2, 2), "i8")),
+                 "'steps' has 2 dimensions."),
+    "steps_strings": (lambda f: _replace(f, "steps", np.array([b"a", b"b"])),
+                      "'steps' has dtype |S1."),
+    "status_shape": (lambda f: _replace(f, "status", np.zeros(5, "i1")),
+                     "'status' has shape (5,); expected (1,)."),
+    "layer_is_group": (lambda f: (f["activations"].__delitem__("conv2"),
+                                  f["activations"].create_group("conv2")),
+                       "'activations/conv2' is not a dataset."),
+    "layer_wrong_probes": (lambda f: _replace(f, "activations/conv1",
+                                              np.zeros((2, 5, 6, 6, 4), "f2")),
+                           "activations/conv1 has shape (2, 5, 6, 6, 4); expected (snapshots, 3"),
+    "layer_ints": (lambda f: _replace(f, "activations/conv1", np.zeros((2, 3, 6, 6, 4), "i4")),
+                   "'activations/conv1' has dtype int32."),
+    "layer_low_rank": (lambda f: _replace(f, "activations/conv1", np.zeros((2, 3), "f4")),
+                       "'activations/conv1' has 2 dimensions."),
+    "probes_y_mismatch": (lambda f: _replace(f, "probes/y", np.arange(7)),
+                          "probes/y does not match probes/x."),
+    "probes_compound": (lambda f: _replace(f, "probes/x", np.zeros(3, "i4,f4")),
+                        "'probes/x' has 1 dimensions."),
+    "absurd_layer_shape": (_absurd_layer, "activations/conv1 has shape (1, 3, 1048576"),
+    "absurd_steps": (_absurd_steps, "'steps' declares 1099511627776 snapshots."),
+    "huge_format_attr": (_huge_attr, "not a layerwatch recording"),
+    "array_format_attr": (_big_array_attr, "not a layerwatch recording"),
+    "soft_link": (_soft_link, "'steps' is a link, not data."),
+    "metric_names_ints": (lambda f: _replace(f, "metrics/epoch/names", np.arange(3)),
+                          "'metrics/epoch/names' has dtype int64."),
+}
+
+
+@pytest.fixture
+def valid(tmp_path):
+    path = tmp_path / "run.h5"
+    make_run(path)
+    return path
+
+
+def _assert_clean_cli_error(path, expected, tmp_path):
+    before = sorted(os.listdir(tmp_path))
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    assert expected in result.output
+    assert "Traceback" not in result.output
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_damaged_layerwatch_files_are_refused_with_the_reason(valid, tmp_path, case):
+    change, expected = HOSTILE[case]
+    _edit(valid, change)
+    with pytest.raises(RecordingError) as info:
+        open_run(valid)
+    assert expected in str(info.value)
+    with pytest.raises(RecordingError):
+        read_run(valid)
+    _assert_clean_cli_error(valid, expected, tmp_path)
+
+
+@pytest.mark.parametrize("how", ["external_link", "external_storage", "virtual"])
+def test_data_from_other_files_is_never_read(valid, tmp_path, how):
+    # A crafted file must not make layerwatch read (and render) another file's bytes.
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"secret" * 100)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["data"] = np.ones((3, 8, 8, 1), "f4")
+    target = {"external_link": str(other), "external_storage": str(secret),
+              "virtual": str(other)}[how]
+    _edit(valid, lambda f: globals()["_" + how](f, target))
+    expected = {"external_link": "'probes/x' is a link, not data.",
+                "external_storage": "'probes/x' keeps its data in external files.",
+                "virtual": "'probes/x' is a virtual dataset"}[how]
+    with pytest.raises(RecordingError, match=expected.replace("(", r"\(")):
+        open_run(valid)
+    _assert_clean_cli_error(valid, expected, tmp_path)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "is not an HDF5 file (not a layerwatch recording)."),
+    (b"loss,accuracy\n0.5,0.9\n", "is not an HDF5 file (not a layerwatch recording)."),
+    (b"\x89HDF\r\n\x1a\n" + b"\0" * 40, "is damaged or unreadable"),
+])
+def test_files_that_are_not_hdf5_are_refused(tmp_path, content, expected):
+    path = tmp_path / "run.h5"
+    path.write_bytes(content)
+    with pytest.raises(RecordingError, match="run.h5"):
+        open_run(path)
+    _assert_clean_cli_error(path, expected, tmp_path)
+
+
+def test_missing_file_and_directory_are_refused(tmp_path):
+    _assert_clean_cli_error(tmp_path / "nope.h5", "nope.h5 does not exist.", tmp_path)
+    with pytest.raises(RecordingError, match="is a directory, not a recording"):
+        open_run(tmp_path)
+
+
+def test_another_programs_hdf5_is_refused(tmp_path):
+    path = tmp_path / "weights.h5"
+    with h5py.File(path, "w") as f:
+        f["dense/kernel"] = np.ones((3, 3))
+        f.attrs["keras_version"] = "3.0"
+    _assert_clean_cli_error(path, "is an HDF5 file but not a layerwatch recording", tmp_path)
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.3, 0.5, 0.8, 0.95, 0.999])
+def test_truncated_files_fail_cleanly_or_read(valid, tmp_path, fraction):
+    data = valid.read_bytes()
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    result = CliRunner().invoke(main, ["info", str(cut)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert "Traceback" not in result.output
+
+
+def test_huge_metadata_attributes_are_skipped_not_read(valid):
+    _edit(valid, lambda f: (f.attrs.__setitem__("model_name", "m" * (2 << 20)),
+                            f["activations/conv1"].attrs.__setitem__("layer_name",
+                                                                     "n" * (2 << 20)),
+                            f.attrs.create("junk", np.zeros(100_000))))
+    with open_run(valid) as run:
+        assert "junk" not in run.attrs  # 800 KB of numbers: not metadata
+        assert run.attrs["model_name"] == "m" * 10_000  # strings are cut
+        assert run.layer("conv1").layer_name == "n" * 1000
+    result = CliRunner().invoke(main, ["info", str(valid)])
+    assert result.exit_code == 0
+    assert "  model " + "m" * 57 + "...," in result.output
+    assert max(len(line) for line in result.output.splitlines()) < 2000
+
+
+def test_control_characters_in_names_are_not_printed(valid):
+    _edit(valid, lambda f: f["activations"].move("conv1", "conv\x1b[2J\n1"))
+    result = CliRunner().invoke(main, ["info", str(valid)])
+    assert result.exit_code == 0
+    assert "\x1b" not in result.output and "conv?[2J?1  Conv2D" in result.output
+
+
+def test_nonfinite_activations_are_stored_and_reported(tmp_path):
+    path = tmp_path / "run.h5"
+    make_run(path, snapshots=8, nan_at={"conv2": 5})
+    with open_run(path) as run:
+        assert run.first_nonfinite("conv1") is None
+        assert run.first_nonfinite("conv2") == 5
+        stored = run.activations("conv2")
+    assert np.isnan(stored[5, 0, 0, 0, 0]) and np.isinf(stored[6, 0, 0, 0, 0])
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 0
+    assert "non-finite values (NaN/inf; training diverged?): conv2 from step 10" in result.output
+
+
+def test_unexpected_exception_becomes_one_error_line(valid, monkeypatch):
+    import layerwatch.summary
+
+    def boom(path):
+        raise TypeError("weird\nsecond line")
+
+    monkeypatch.setattr(layerwatch.summary, "describe_run", boom)
+    result = CliRunner().invoke(main, ["info", str(valid)])
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: unexpected TypeError: weird (if the file is intact, this is a layerwatch bug: "
+        "rerun with LAYERWATCH_DEBUG=1 and report the traceback)\n")
+
+
+def test_repair_of_a_closed_file_changes_nothing(valid):
+    before = valid.read_bytes()
+    assert repair_run(valid) is False
+    assert valid.read_bytes() == before
+    result = CliRunner().invoke(main, ["repair", str(valid)])
+    assert result.exit_code == 0
+    assert result.output == f"{valid} was closed properly; nothing to repair.\n"
+
+
+def test_repair_refuses_a_file_still_being_written(tmp_path):
+    path = tmp_path / "run.h5"
+    writer = make_run(path, close=False)
+    try:
+        result = CliRunner().invoke(main, ["repair", str(path)])
+        assert result.exit_code == 1
+        assert f"is still being written by process {os.getpid()}" in result.output
+        with open_run(path) as run:
+            assert run.writer_state == "live" and run.num_snapshots == 6
+        assert "status: recording (the writing process" in \
+            CliRunner().invoke(main, ["info", str(path)]).output
+    finally:
+        writer.close()
+    with open_run(path) as run:
+        assert run.status == STATUS_COMPLETE and run.writer_state == "closed"
