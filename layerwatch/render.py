@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -115,6 +117,8 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
     say = _Notes(notes)
     written: list[Path] = []
     with open_run(path) as run:
+        created = not out.exists()
+        stage: Path | None = None
         try:
             n = run.num_snapshots
             if n == 0:
@@ -123,6 +127,11 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
             steps, epochs = run.steps[:n], run.epochs[:n]
             indices = select_frames(n, every=every, max_frames=max_frames)
             out.mkdir(parents=True, exist_ok=True)
+            # Everything is written into a hidden staging folder and moved into
+            # place only when the whole render succeeded: a recording that turns
+            # out damaged halfway leaves no partial output behind, and a viewer
+            # of the folder (``layerwatch watch``) never sees a half-written GIF.
+            stage = Path(tempfile.mkdtemp(prefix=".layerwatch-render-", dir=out))
             stems = _file_stems([layer.layer_name or layer.key for layer in chosen])
             probes = run.probes_x()
             counter = _Counter(progress, len(indices) * len(chosen))
@@ -130,25 +139,35 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                 vmin, vmax = _color_range(run, layer, override, n, say)
                 job = _LayerJob(run, layer, probes, steps, epochs, vmin, vmax,
                                 max_channels=max_channels, fps=fps)
-                gif_path = _inside(out, stem + ".gif")
+                gif_path = _inside(stage, stem + ".gif")
                 if job.write_gif(gif_path, indices, scale=scale, max_bytes=max_bytes,
                                  counter=counter, say=say):
                     written.append(gif_path)
-                still = _inside(out, stem + ".png")
+                still = _inside(stage, stem + ".png")
                 job.write_still(still, n - 1, scale=scale)
                 written.append(still)
             from layerwatch.curves import write_curves
 
-            curves = _inside(out, "curves.png")
+            curves = _inside(stage, "curves.png")
             if write_curves(run, curves):
                 written.append(curves)
             else:
                 say.info("curves.png not written: the recording holds no metrics.")
+            final = []
+            for staged in written:
+                target = _inside(out, staged.name)
+                os.replace(staged, target)
+                final.append(target)
+            return final
         except (OSError, KeyError) as exc:
             if isinstance(exc, OSError) and exc.filename is not None:
                 raise  # writing the outputs failed: not the recording's fault
             raise RecordingError(f"{run.path} is damaged: {exc}") from exc
-    return written
+        finally:
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
 
 
 def select_frames(n: int, *, every: int | None = None, max_frames: int | None = None

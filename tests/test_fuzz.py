@@ -120,8 +120,6 @@ def test_fuzzed_recordings_fail_cleanly(tmp_path, monkeypatch):
     assert outcomes["info"]["ok"] > 0 and sum(outcomes["info"].values()) == cases
 
 
-@pytest.mark.xfail(strict=True, reason="render writes each layer's files as it goes; a file "
-                   "damaged further on leaves the earlier ones behind (render.py, not yet fixed)")
 def test_a_render_that_fails_midway_leaves_no_files(tmp_path, monkeypatch):
     # The damage is met only after the GIFs are written: at the curves.
     import layerwatch.store
