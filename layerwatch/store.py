@@ -128,15 +128,15 @@ class RunWriter:
         os.close(fd)
         try:
             f = h5py.File(tmp, "w", libver="latest")
-            f.attrs["format"] = FORMAT_NAME
+            f.attrs["format"] = _fixed(FORMAT_NAME)
             f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["storage_dtype"] = str(np.dtype(storage_dtype))
+            f.attrs["storage_dtype"] = _fixed(str(np.dtype(storage_dtype)))
             for key, value in metadata.items():
-                f.attrs[key] = value
+                f.attrs[key] = _fixed(value)
             _set_writer_attrs(f, flush_seconds, flush_snapshots)
             meta = f.create_group("meta")
             for key, text in texts.items():
-                meta.create_dataset(key, data=text, dtype=h5py.string_dtype())
+                meta.create_dataset(key, data=_fixed(text))
             probes = f.create_group("probes")
             probes.create_dataset("x", data=probes_x)
             if probes_y is not None:
@@ -155,7 +155,7 @@ class RunWriter:
                     compression_opts=compression_opts if compression == "gzip" else None,
                     shuffle=shuffle if compression else False)
                 for name, value in spec.attrs.items():
-                    ds.attrs[name] = value
+                    ds.attrs[name] = _fixed(value)
             metrics = f.create_group("metrics")
             for group, index_names in (("batch", ("step",)), ("epoch", ("epoch", "step"))):
                 g = metrics.create_group(group)
@@ -391,6 +391,17 @@ class RunWriter:
         f.flush()
 
 
+def _fixed(value: Any) -> Any:
+    """Strings are stored as fixed-length UTF-8 bytes, never variable-length.
+
+    Reading a variable-length string goes through HDF5's global heap, which a
+    damaged file can send into an endless loop; fixed-length strings are
+    plain bytes of a size known before reading, so readers can refuse the
+    other kind outright.
+    """
+    return np.bytes_(value.encode("utf-8")) if isinstance(value, str) else value
+
+
 def _create_analysis(f: h5py.File, layers: Sequence[LayerSpec], probes_x: np.ndarray,
                      every: int) -> None:
     group = f.create_group("analysis")
@@ -459,7 +470,7 @@ def _set_writer_attrs(f: h5py.File, flush_seconds: float, flush_snapshots: int) 
     # Written before SWMR mode starts (attributes cannot change after): lets a
     # reader tell a live writer from a killed one, and state the crash bound.
     f.attrs["writer_pid"] = os.getpid()
-    f.attrs["writer_host"] = socket.gethostname()
+    f.attrs["writer_host"] = _fixed(socket.gethostname())
     f.attrs["flush_seconds"] = float(flush_seconds)
     f.attrs["flush_snapshots"] = int(flush_snapshots)
 
@@ -848,10 +859,8 @@ class Run:
                 return None
             ds = group[name]
             if not isinstance(ds, h5py.Dataset) or ds.shape != () \
-                    or ds.dtype.kind not in "OS" or ds.is_virtual \
+                    or ds.dtype.kind != "S" or ds.is_virtual \
                     or ds.id.get_create_plist().get_external_count():
-                return None
-            if ds.dtype.kind == "O" and h5py.check_string_dtype(ds.dtype) is None:
                 return None
             if ds.id.get_storage_size() > _MAX_TEXT_BYTES:
                 return None
@@ -1118,7 +1127,7 @@ def _attr(obj: h5py.HLObject, name: str, *, strict: bool = False) -> Any:
                 or aid.get_storage_size() > _MAX_ATTR_BYTES:
             return None
         kind = aid.dtype.kind
-        if kind not in "biufSUO" or (kind == "O" and h5py.check_string_dtype(aid.dtype) is None):
+        if kind not in "biufS":  # variable-length strings are never read: see _fixed
             return None
         value = obj.attrs[name]
     except Exception:  # unreadable on a damaged file

@@ -77,8 +77,11 @@ def _virtual(f, target):
 HOSTILE = {
     "format_version": (lambda f: f.attrs.__setitem__("format_version", 99),
                        "has format_version=99; this layerwatch reads version 1"),
-    "format_string_version": (lambda f: f.attrs.__setitem__("format_version", "1"),
+    "format_string_version": (lambda f: f.attrs.__setitem__("format_version", np.bytes_(b"1")),
                               "has format_version='1'"),
+    # variable-length strings are never read (HDF5 can loop forever on a damaged global heap)
+    "format_variable_length": (lambda f: f.attrs.__setitem__("format", "layerwatch"),
+                               "not a layerwatch recording"),
     "missing_steps": (lambda f: f.__delitem__("steps"), "is damaged: 'steps' is missing."),
     "missing_metrics": (lambda f: f.__delitem__("metrics/batch/values"),
                         "'metrics/batch/values' is missing."),
@@ -203,12 +206,16 @@ def test_truncated_files_fail_cleanly_or_read(valid, tmp_path, fraction):
 
 
 def test_huge_metadata_attributes_are_skipped_not_read(valid):
-    _edit(valid, lambda f: (f.attrs.__setitem__("model_name", "m" * (2 << 20)),
-                            f["activations/conv1"].attrs.__setitem__("layer_name",
-                                                                     "n" * (2 << 20)),
+    _edit(valid, lambda f: (f.attrs.__setitem__("model_name", np.bytes_(b"m" * 500_000)),
+                            f["activations/conv1"].attrs.__setitem__(
+                                "layer_name", np.bytes_(b"n" * 500_000)),
+                            f.attrs.__setitem__("big", np.bytes_(b"b" * (2 << 20))),
+                            f.attrs.__setitem__("keras_version", "variable-length"),
                             f.attrs.create("junk", np.zeros(100_000))))
     with open_run(valid) as run:
         assert "junk" not in run.attrs  # 800 KB of numbers: not metadata
+        assert "big" not in run.attrs  # 2 MB: over the size limit, never read
+        assert "keras_version" not in run.attrs  # variable-length strings are never read
         assert run.attrs["model_name"] == "m" * 10_000  # strings are cut
         assert run.layer("conv1").layer_name == "n" * 1000
     result = CliRunner().invoke(main, ["info", str(valid)])
