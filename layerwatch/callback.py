@@ -74,9 +74,16 @@ class LayerWatch(keras.callbacks.Callback):
     dtype : {"float16", "float32"}, default "float16"
         Storage precision of the activations.
     flush_seconds : float, default 2.0
-        Longest time between writes to disk; a crash loses at most this much
-        (and at most ``flush_snapshots`` snapshots).
+        Longest time a snapshot waits before it is handed to the disk writer: a
+        crash loses at most the snapshots of the last ``flush_seconds`` (plus the
+        time the disk needs), never more than ``3 * flush_snapshots - 1``.
     flush_snapshots : int, default 32
+        Snapshots buffered before a write is started.
+    analysis_probes : array-like, optional
+        Extra inputs, not rendered, whose n×n activation Gram matrices are kept
+        every ``analysis_every`` steps for ``layerwatch drift`` (linear CKA on
+        more probes is less noisy). Shaped like ``probes``; at least 2.
+    analysis_every : int, default 10
     compression : {"gzip", "lzf", None}, default "gzip"
 
     Raises

@@ -41,7 +41,7 @@ def main() -> None:
     """Watch a neural network learn: inspect and render layerwatch recordings."""
 
 
-@main.command()
+@main.command(short_help="Summarize a recording: layers, steps, metrics, state.")
 @click.argument("run", type=click.Path(dir_okay=False))
 def info(run: str) -> None:
     """Summarize the recording RUN.h5: layers, steps, metrics, size, state."""
@@ -98,7 +98,7 @@ class _ColorRange(click.ParamType):
                   "with LOW < HIGH, e.g. --range 1 or --range=-0.5,2.", param, ctx)
 
 
-@main.command()
+@main.command(short_help="Render a recording into GIFs, stills and curves.")
 @click.argument("run", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "--out-dir", "out", type=click.Path(file_okay=False), default=None,
               help="Output directory (default outputs/<run name>/).")
@@ -187,7 +187,7 @@ def _human_size(n: int) -> str:
     return f"{n} B"
 
 
-@main.command()
+@main.command(short_help="Re-render a recording while training writes it.")
 @click.argument("run", type=click.Path(dir_okay=False))
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False), default=None,
               help="Where the pictures go (default outputs/<run name>/).")
@@ -211,7 +211,7 @@ def watch(run: str, out_dir: str | None, interval: float, max_frames: int | None
         click.echo("Stopped watching.")
 
 
-@main.command()
+@main.command(short_help="Make a killed run readable by plain HDF5 tools.")
 @click.argument("run", type=click.Path(dir_okay=False))
 def repair(run: str) -> None:
     """Rewrite RUN.h5 after its writer was killed, so any HDF5 tool opens it.
@@ -237,7 +237,7 @@ def _names(items: tuple[str, ...]) -> list[str] | None:
     return [n.strip() for item in items for n in item.split(",") if n.strip()] or None
 
 
-@main.command()
+@main.command(short_help="Measure how much each layer still changes (CKA).")
 @click.argument("run", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "--out-dir", "out", type=click.Path(file_okay=False), default=None,
               help="Where drift.png goes (default outputs/<run name>/).")
@@ -275,7 +275,7 @@ def drift(run: str, out: str | None, layers: tuple[str, ...], threshold: float,
     click.echo(f"{png}  ({_human_size(Path(png).stat().st_size)})")
 
 
-@main.command()
+@main.command(short_help="Put the same layers of several runs side by side.")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "--out-dir", "out", type=click.Path(file_okay=False), default=None,
               help="Output directory (default outputs/compare_<run>_<run>...).")
@@ -335,7 +335,7 @@ def compare(runs: tuple[str, ...], out: str | None, labels: str | None,
             click.echo(f"{path}  ({_human_size(path.stat().st_size)})")
 
 
-@main.command()
+@main.command(short_help="Write a self-contained HTML (and Markdown) report.")
 @click.argument("run", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "--out-dir", "out", type=click.Path(file_okay=False), default=None,
               help="Output directory (default outputs/<run name>/).")

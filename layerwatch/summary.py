@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from .health import health_lines
 from .store import STATUS_COMPLETE, STATUS_STOPPED, Run, _printable, open_run
 
 
@@ -48,6 +49,7 @@ def _lines(run: Run) -> list[str]:
             f"    {_printable(layer.key):<{width}}  {layer.layer_class:<16} "
             f"{str(layer.shape):<16} {layer.activation:<10} recorded: {layer.tensor}")
     lines.extend(_nonfinite_lines(run, steps))
+    lines.extend(health_lines(run))
     for group in ("batch", "epoch"):
         metrics = run.metrics(group)
         if metrics.names:
