@@ -84,8 +84,8 @@ def test_recorded_equals_recomputed_before_during_and_after(tmp_path, tiny_data)
     with h5py.File(path, "r") as f:
         steps = f["steps"][:]
         recorded = [f["activations/conv1"][:], f["activations/conv2"][:]]
-        assert f.attrs["backend"] == keras.backend.backend()
-        assert f["activations/conv2"].attrs["recorded_layer"] == "act"
+        assert f.attrs["backend"].decode() == keras.backend.backend()
+        assert f["activations/conv2"].attrs["recorded_layer"].decode() == "act"
     assert steps.tolist() == list(range(13))
     for rec, want in zip(recorded, before):
         np.testing.assert_allclose(rec[0], want, atol=ATOL)

@@ -52,11 +52,11 @@ def test_records_every_step_and_values_match_model(tmp_path, tiny_data):
     after = conv_outputs(model, ["c1", "act"], probes)
 
     with h5py.File(path, "r", swmr=True) as f:
-        assert f.attrs["format"] == "layerwatch"
+        assert f.attrs["format"].decode() == "layerwatch"
         assert f.attrs["format_version"] == 1
-        assert f.attrs["backend"] == keras.backend.backend()
-        assert f.attrs["keras_version"] == keras.__version__
-        assert f.attrs["model_name"] == "tiny"
+        assert f.attrs["backend"].decode() == keras.backend.backend()
+        assert f.attrs["keras_version"].decode() == keras.__version__
+        assert f.attrs["model_name"].decode() == "tiny"
         np.testing.assert_array_equal(f["steps"][:], np.arange(7))  # 3 steps × 2 epochs + 0
         np.testing.assert_array_equal(f["epochs"][:], [0, 0, 0, 0, 1, 1, 1])
         assert sorted(f["activations"]) == ["c1", "c2"]
@@ -69,13 +69,13 @@ def test_records_every_step_and_values_match_model(tmp_path, tiny_data):
         np.testing.assert_allclose(c2[0], before[1], atol=TOL, rtol=TOL)
         np.testing.assert_allclose(c2[-1], after[1], atol=TOL, rtol=TOL)
         # conv → BatchNorm → ReLU: the post-activation tensor is what is recorded
-        assert c2.attrs["tensor"] == "c2 -> bn -> act"
-        assert c2.attrs["activation"] == "relu"
-        assert c2.attrs["recorded_class"] == "ReLU"
+        assert c2.attrs["tensor"].decode() == "c2 -> bn -> act"
+        assert c2.attrs["activation"].decode() == "relu"
+        assert c2.attrs["recorded_class"].decode() == "ReLU"
         assert "value_range" not in c2.attrs
-        assert c1.attrs["tensor"] == "c1" and c1.attrs["activation"] == "tanh"
+        assert c1.attrs["tensor"].decode() == "c1" and c1.attrs["activation"].decode() == "tanh"
         np.testing.assert_array_equal(c1.attrs["value_range"], [-1.0, 1.0])
-        assert c1.attrs["layer_class"] == "Conv2D"
+        assert c1.attrs["layer_class"].decode() == "Conv2D"
         assert c1.attrs["channel_axis"] == 2
         np.testing.assert_array_equal(f["probes/x"][:], probes)
         np.testing.assert_array_equal(f["probes/y"][:], [0, 1, 2])
@@ -187,8 +187,8 @@ def test_nested_submodel_convs_are_found(tmp_path, tiny_data):
         assert sorted(f["activations"]) == ["block.seq_conv", "encoder.inner_conv",
                                              "outer_conv"]
         seq = f["activations/block.seq_conv"]
-        assert seq.attrs["tensor"] == "seq_conv -> seq_act"
-        assert seq.attrs["layer_path"] == "block/seq_conv"
+        assert seq.attrs["tensor"].decode() == "seq_conv -> seq_act"
+        assert seq.attrs["layer_path"].decode() == "block/seq_conv"
         np.testing.assert_array_equal(seq.attrs["value_range"], [0.0, 1.0])
         inner = f["activations/encoder.inner_conv"][-1]
     recomputed = np.asarray(encoder(probes, training=False))

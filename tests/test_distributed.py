@@ -181,6 +181,6 @@ def test_jax_data_parallel_records_on_process_zero(tmp_path):
     ref = np.load(tmp_path / "ref.npz")
     with h5py.File(tmp_path / "run.h5", "r") as f:
         assert f["steps"][:].tolist() == list(range(13))
-        assert f.attrs["backend"] == "jax"
+        assert f.attrs["backend"].decode() == "jax"
         np.testing.assert_allclose(f["activations/conv1"][0], ref["arr_0"], atol=ATOL)
         np.testing.assert_allclose(f["activations/conv2"][-1], ref["arr_3"], atol=ATOL)

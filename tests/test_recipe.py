@@ -33,14 +33,14 @@ def test_recipe_records_and_renders(recipe, tmp_path, capsys):
                           "--quiet"])
 
     with h5py.File(run, "r", swmr=True) as f:
-        assert f.attrs["format"] == "layerwatch"
-        assert f.attrs["model_name"] == "mnist_tanh"
+        assert f.attrs["format"].decode() == "layerwatch"
+        assert f.attrs["model_name"].decode() == "mnist_tanh"
         np.testing.assert_array_equal(f["steps"][:], np.arange(7))
         assert sorted(f["activations"]) == sorted(LAYERS)
         for name, shape in LAYERS.items():
             acts = f["activations"][name]
             assert acts.shape == (7, 10) + shape
-            assert acts.attrs["activation"] == "tanh"
+            assert acts.attrs["activation"].decode() == "tanh"
             assert np.all(np.abs(acts[-1]) <= 1)
         # One probe per digit, from the held-out part: not among the training images.
         np.testing.assert_array_equal(f["probes/y"][:], np.arange(10))
