@@ -98,6 +98,20 @@ class _ColorRange(click.ParamType):
                   "with LOW < HIGH, e.g. --range 1 or --range=-0.5,2.", param, ctx)
 
 
+def _gif_options(command):
+    """The GIF look options shared by the commands that write GIFs."""
+    for option in reversed((
+            click.option("--fps", type=click.FloatRange(min=0, min_open=True, max=50),
+                         default=10.0, show_default=True, help="GIF frames per second."),
+            click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True,
+                         help="Integer pixel zoom."),
+            click.option("--max-channels", type=click.IntRange(min=0), default=32,
+                         show_default=True, help="Draw at most N channels per layer (0: all)."),
+    )):
+        command = option(command)
+    return command
+
+
 @main.command(short_help="Render a recording into GIFs, stills and curves.")
 @click.argument("run", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "--out-dir", "out", type=click.Path(file_okay=False), default=None,
@@ -108,12 +122,7 @@ class _ColorRange(click.ParamType):
               help="Use every N-th snapshot (the last is always kept).")
 @click.option("--max-frames", type=click.IntRange(min=2), default=None,
               help="At most N frames per GIF, evenly spaced (first and last kept).")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True, max=50), default=10.0,
-              show_default=True, help="GIF frames per second.")
-@click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True,
-              help="Integer pixel zoom.")
-@click.option("--max-channels", type=click.IntRange(min=0), default=32, show_default=True,
-              help="Draw at most N channels per layer (0: all).")
+@_gif_options
 @click.option("--max-bytes", type=_ByteSize(), default=None,
               help="Keep each GIF under this size (e.g. 2MB): fewer frames, then a smaller "
                    "scale.")
@@ -286,12 +295,7 @@ def drift(run: str, out: str | None, layers: tuple[str, ...], threshold: float,
                    "run must record the same layers).")
 @click.option("--max-frames", type=click.IntRange(min=2), default=None,
               help="At most N frames per GIF, evenly spaced (first and last kept).")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True, max=50), default=10.0,
-              show_default=True, help="GIF frames per second.")
-@click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True,
-              help="Integer pixel zoom.")
-@click.option("--max-channels", type=click.IntRange(min=0), default=32, show_default=True,
-              help="Draw at most N channels per layer (0: all).")
+@_gif_options
 @click.option("--range", "color_range", type=_ColorRange(), default=None,
               help="One colour range for every run: M for -M..M, or LOW,HIGH.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -343,12 +347,7 @@ def compare(runs: tuple[str, ...], out: str | None, labels: str | None,
               help="At most N frames per GIF, evenly spaced (first and last kept).")
 @click.option("--max-bytes", type=_ByteSize(), default=None,
               help="Keep each GIF under this size (e.g. 2MB), so the page stays light.")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True, max=50), default=10.0,
-              show_default=True, help="GIF frames per second.")
-@click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True,
-              help="Integer pixel zoom.")
-@click.option("--max-channels", type=click.IntRange(min=0), default=32, show_default=True,
-              help="Draw at most N channels per layer (0: all).")
+@_gif_options
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def report(run: str, out: str | None, max_frames: int | None, max_bytes: int | None, fps: float,
            scale: int, max_channels: int, quiet: bool) -> None:
