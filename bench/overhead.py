@@ -55,6 +55,8 @@ def _parse(argv):
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes for a smoke run: 128 examples, batch 32, 1 repeat")
     p.add_argument("--no-naive", action="store_true", help="skip the naive recorder")
+    p.add_argument("--variants", action="store_true",
+                   help="also time LayerWatch(compression=None) and LayerWatch(every=4)")
     p.add_argument("--proposed", action="store_true",
                    help="also time LayerWatch with the hot-path changes proposed in "
                         "bench/README.md (monkeypatched, see _proposed())")
@@ -209,6 +211,12 @@ def run(args) -> int:
         add("none", [])
         watch = LayerWatch(os.path.join(tmp, f"b{batch}.h5"), probes, labels, every=1)
         add("layerwatch", [watch], drain=lambda w=watch: w._writer and w._writer.flush(wait=True))
+        if args.variants:
+            for label, kwargs in (("lw-nozip", {"compression": None}), ("lw-every4", {"every": 4})):
+                variant = LayerWatch(os.path.join(tmp, f"b{batch}-{label}.h5"), probes, labels,
+                                     **{"every": 1, "budget": None, **kwargs})
+                add(label, [variant],
+                    drain=lambda w=variant: w._writer and w._writer.flush(wait=True))
         if args.proposed:
             proposed = _proposed()(os.path.join(tmp, f"b{batch}-proposed.h5"), probes, labels)
             add("proposed", [proposed],

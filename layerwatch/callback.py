@@ -169,6 +169,10 @@ class LayerWatch(keras.callbacks.Callback):
         self._totals: list[int] = []
         self._meter: _CostMeter | None = None
         self._budget_checked = False
+        self._epoch_start: int | None = None   # optimizer step when the epoch began
+        self._derived_last: int | None = None  # last step derived from a batch index
+        self._read_steps = False
+        self._steps_per_epoch: int | None = None
         self._grams: Any = None
         self._xa: np.ndarray | None = None
         self._last_analysis: int | None = None
@@ -191,6 +195,12 @@ class LayerWatch(keras.callbacks.Callback):
         if not _is_chief(model):
             return  # another worker writes the recording; this one records nothing
         step = self._step()
+        self._epoch_start = None
+        # With gradient accumulation a batch is not a step, and a last partial
+        # execution of an epoch of unknown length cannot be sized: read the optimizer.
+        self._steps_per_epoch = (self.params or {}).get("steps")
+        self._read_steps = bool(getattr(model.optimizer, "gradient_accumulation_steps", None)) \
+            or (getattr(model, "steps_per_execution", 1) > 1 and not self._steps_per_epoch)
         first = self._snapshot()
         mode = "append" if self._owns_file else self.mode
         if mode == "append" and os.path.exists(self.path):
@@ -221,17 +231,21 @@ class LayerWatch(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = int(epoch)
+        self._derived_last = None
+        if self._writer is not None and not self._failed:
+            self._epoch_start = self._step()
 
     def on_train_batch_end(self, batch, logs=None):
         if self._writer is None or self._failed:
             return
         try:
-            step = self._step()
-            if logs:
-                self._writer.add_batch_logs(step, self._scalars(logs, with_lr=True))
-            start = time.perf_counter()
+            step = self._batch_step(batch)
             recorded = self._last_step is None or \
                 step // self.every > self._last_step // self.every
+            if logs:
+                # The learning rate is a variable read: taken at recorded steps only.
+                self._writer.add_batch_logs(step, self._scalars(logs, with_lr=recorded))
+            start = time.perf_counter()
             if recorded:
                 arrays = self._snapshot()
                 written = time.perf_counter()
@@ -249,7 +263,17 @@ class LayerWatch(keras.callbacks.Callback):
         if self._writer is None or self._failed:
             return
         try:
-            self._writer.add_epoch_logs(epoch, self._step(), self._scalars(logs or {}))
+            step = self._step()
+            if self._epoch_start is not None and self._derived_last is not None \
+                    and self._derived_last != step and not self._read_steps:
+                # The batch index did not add up to the optimizer's count (an
+                # unusual trainer): from now on, read the count at every step.
+                self._read_steps = True
+                warnings.warn(
+                    f"layerwatch: step numbers derived from batch indices ({self._derived_last}) "
+                    f"differ from optimizer.iterations ({step}) in epoch {epoch}; reading the "
+                    "optimizer at every step from now on.", RuntimeWarning, stacklevel=2)
+            self._writer.add_epoch_logs(epoch, step, self._scalars(logs or {}))
         except Exception as exc:
             self._stop_recording(exc)
 
@@ -329,6 +353,9 @@ class LayerWatch(keras.callbacks.Callback):
             return {layer.key: getattr(layer, "channels", None) for layer in run.layers}
 
     def _snapshot(self) -> list[np.ndarray]:
+        # Reading Callback.model syncs JAX's functional training state back into
+        # the variables the probe function reads (a no-op on other backends).
+        self.model  # noqa: B018
         # Keras' compiled predict step (built once, inference mode), without
         # predict()'s per-call data pipeline; see extractor.probe_function.
         return self._outputs(self._predict(self._x))
@@ -364,11 +391,32 @@ class LayerWatch(keras.callbacks.Callback):
         return int(done[-1]) if len(done) else None
 
     def _step(self) -> int:
+        """The optimizer's step count (a variable read; on JAX, a state sync)."""
         return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def _batch_step(self, batch: int) -> int:
+        """The optimizer's step count after ``batch`` of this epoch.
+
+        Reading ``optimizer.iterations`` costs most of a millisecond per step
+        here, so it is read once per epoch and the step derived from Keras'
+        batch index (the last batch of an execution when steps_per_execution
+        > 1). With gradient accumulation, or if the derived count ever
+        disagreed at an epoch end, the optimizer is read every step.
+        """
+        if self._read_steps or self._epoch_start is None:
+            return self._step()
+        done = int(batch) + 1
+        if self._steps_per_epoch:  # Keras reports a partial last execution as a full one
+            done = min(done, int(self._steps_per_epoch))
+        self._derived_last = self._epoch_start + done
+        return self._derived_last
 
     def _scalars(self, logs: dict, *, with_lr: bool = False) -> dict[str, float]:
         out = {}
         for name, value in logs.items():
+            if isinstance(value, (int, float)):  # Keras hands callbacks Python floats
+                out[str(name)] = float(value)
+                continue
             try:
                 out[str(name)] = float(np.asarray(keras.ops.convert_to_numpy(value)))
             except (TypeError, ValueError):

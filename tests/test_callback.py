@@ -456,3 +456,15 @@ def test_analysis_probes_cover_the_final_step_and_resume(tmp_path, tiny_data):
 def test_bad_analysis_arguments_are_named(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         LayerWatch(tmp_path / "r.h5", np.zeros((2, 8, 8, 1)), **kwargs)
+
+
+def test_gradient_accumulation_counts_optimizer_steps_not_batches(tmp_path, tiny_data):
+    x, y = tiny_data
+    model = tanh_relu_model()
+    model.compile(optimizer=keras.optimizers.Adam(0.01, gradient_accumulation_steps=2),
+                  loss="sparse_categorical_crossentropy")
+    path = tmp_path / "run.h5"
+    model.fit(x, y, epochs=2, batch_size=12, verbose=0,
+              callbacks=[LayerWatch(path, x[:2], budget=None)])  # 4 batches = 2 steps/epoch
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["steps"][:], [0, 1, 2, 3, 4])
