@@ -185,7 +185,6 @@ def _proposed():
 
 def run(args) -> int:
     import keras
-    import numpy as np
 
     from layerwatch import LayerWatch
 

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import click
 
 from . import __version__
 from .store import RecordingError
+
+
+@contextlib.contextmanager
+def _library_errors():
+    """Library errors as one ``Error:`` line: a bad recording or option, or an
+    output that cannot be written."""
+    try:
+        yield
+    except (RecordingError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(
+            f"Cannot write {exc.filename or 'the outputs'}: {exc.strerror or exc}") from None
+
+
+def _echo_written(paths) -> None:
+    for path in paths:
+        click.echo(f"{path}  ({_human_size(path.stat().st_size)})")
+
+
+def _notes(quiet: bool):
+    """Where the library's notes (what a render chose or trimmed) go: stderr."""
+    def notes(line: str) -> None:
+        if not quiet:
+            click.echo(f"note: {line}", err=True)
+    return notes
 
 
 class _Group(click.Group):
@@ -137,24 +164,15 @@ def render(run: str, out: str | None, layers: tuple[str, ...], every: int | None
     from .render import render as render_run
 
     names = [n.strip() for item in layers for n in item.split(",") if n.strip()] or None
-    def notes(line: str) -> None:
-        if not quiet:
-            click.echo(f"note: {line}", err=True)
+    notes = _notes(quiet)
 
-    with _RenderProgress(enabled=not quiet) as progress:
-        try:
-            written = render_run(run, out, layers=names, every=every, max_frames=max_frames,
-                                 fps=fps, scale=scale, max_channels=max_channels or None,
-                                 max_bytes=max_bytes, value_range=color_range,
-                                 progress=progress, notes=notes)
-        except (RecordingError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(
-                f"Cannot write {exc.filename or 'the outputs'}: {exc.strerror or exc}") from None
+    with _RenderProgress(enabled=not quiet) as progress, _library_errors():
+        written = render_run(run, out, layers=names, every=every, max_frames=max_frames,
+                             fps=fps, scale=scale, max_channels=max_channels or None,
+                             max_bytes=max_bytes, value_range=color_range,
+                             progress=progress, notes=notes)
     if not quiet:
-        for path in written:
-            click.echo(f"{path}  ({_human_size(path.stat().st_size)})")
+        _echo_written(written)
 
 
 class _RenderProgress:
@@ -320,23 +338,15 @@ def compare(runs: tuple[str, ...], out: str | None, labels: str | None,
                                  f"Received: {labels!r}.", param_hint="'--labels'")
     target = (Path("outputs") / ("compare_" + "_".join(
         label.replace("/", "_") for label in run_labels(runs))) if out is None else Path(out))
-    def notes(line: str) -> None:
-        if not quiet:
-            click.echo(f"note: {line}", err=True)
+    notes = _notes(quiet)
 
-    try:
+    with _library_errors():
         written = compare_runs(runs, target, labels=names, layers=_names(layers),
                                max_frames=max_frames, fps=fps, scale=scale,
                                max_channels=max_channels or None, value_range=color_range,
                                notes=notes)
-    except (RecordingError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(
-            f"Cannot write {exc.filename or 'the outputs'}: {exc.strerror or exc}") from None
     if not quiet:
-        for path in written:
-            click.echo(f"{path}  ({_human_size(path.stat().st_size)})")
+        _echo_written(written)
 
 
 @main.command(short_help="Write a self-contained HTML (and Markdown) report.")
@@ -360,19 +370,11 @@ def report(run: str, out: str | None, max_frames: int | None, max_bytes: int | N
     """
     from .report import report as write_report
 
-    def notes(line: str) -> None:
-        if not quiet:
-            click.echo(f"note: {line}", err=True)
+    notes = _notes(quiet)
 
-    try:
+    with _library_errors():
         written = write_report(run, out, max_frames=max_frames, max_bytes=max_bytes, fps=fps,
                                scale=scale, max_channels=max_channels or None, notes=notes)
-    except (RecordingError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(
-            f"Cannot write {exc.filename or 'the outputs'}: {exc.strerror or exc}") from None
     if not quiet:
-        for path in written[:2]:
-            click.echo(f"{path}  ({_human_size(path.stat().st_size)})")
+        _echo_written(written[:2])
         click.echo(f"  and {len(written) - 2} images beside them")

@@ -199,8 +199,8 @@ class DriftResult:
                   else "rendered probes")
         note = f"CKA rests on {self.probe_count} {source}"
         if self.probe_count < FEW_PROBES:
-            note += (f" (few: values are noisy; record more with "
-                     f"LayerWatch(..., analysis_probes=...))")
+            note += (" (few: values are noisy; record more with "
+                     "LayerWatch(..., analysis_probes=...))")
         return note + "."
 
     def table(self) -> str:

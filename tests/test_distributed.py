@@ -5,7 +5,6 @@ set before the framework starts, so every case runs its training in
 subprocesses bounded by a timeout.
 """
 
-import json
 import os
 import socket
 import subprocess

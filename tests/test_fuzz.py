@@ -21,7 +21,6 @@ import random
 import re
 import shutil
 
-import pytest
 from click.testing import CliRunner
 
 from _recordings import make_run
