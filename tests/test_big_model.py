@@ -70,7 +70,7 @@ def test_variance_selection_picks_the_channels_that_differ_between_probes(tmp_pa
     conv = model.get_layer("s2b0_conv1")
     probes = x[:5]
     before = keras.ops.convert_to_numpy(
-        keras.Model(model.inputs, conv.output)(probes, training=False))
+        keras.Model(model.inputs[0], conv.output)(probes, training=False))
     path = tmp_path / "run.h5"
     model.fit(x, y, batch_size=8, epochs=1, verbose=0,
               callbacks=[LayerWatch(path, probes, max_channels=4, channel_selection="variance",
