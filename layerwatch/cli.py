@@ -163,7 +163,7 @@ def render(run: str, out: str | None, layers: tuple[str, ...], every: int | None
     """Render RUN.h5 into <layer>.gif, <layer>.png (final step) and curves.png."""
     from .render import render as render_run
 
-    names = [n.strip() for item in layers for n in item.split(",") if n.strip()] or None
+    names = _names(layers)
     notes = _notes(quiet)
 
     with _RenderProgress(enabled=not quiet) as progress, _library_errors():
