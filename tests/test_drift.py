@@ -216,6 +216,18 @@ def test_drift_rejects_unknown_layers_and_bad_thresholds(tmp_path):
         drift(path, threshold=2)
     with pytest.raises(ValueError, match="holds no analysis probes.*analysis_probes="):
         drift(path, probes="analysis")
+    with pytest.raises(ValueError, match=r"probes must be 'auto', 'main' or 'analysis'. "
+                                         r"Received: probes='all'"):
+        drift(path, probes="all")
+
+
+def test_watch_rejects_a_non_positive_interval(tmp_path):
+    from layerwatch.watch import watch
+
+    x = np.random.default_rng(8).normal(size=(4, 3, 3, 2)).astype(np.float32)
+    path = write_run(tmp_path / "run.h5", {"conv": [x, x]}, [0, 1], probes=4)
+    with pytest.raises(ValueError, match=r"interval must be > 0 seconds. Received: interval=0"):
+        watch(path, tmp_path / "out", interval=0)
 
 
 def test_drift_needs_two_probes(tmp_path):
