@@ -9,7 +9,8 @@ The seed model (recipes/mnist_tanh.py) trains on the bundled MNIST digits under
 three callback lists, taking turns on one model (per batch size):
 
   none        no recording (the baseline)
-  layerwatch  LayerWatch(every=1) at default settings
+  layerwatch  LayerWatch(every=1) at default settings (on TensorFlow the probe pass
+              runs inside the compiled train step: layerwatch/fused.py)
   naive       a naive recorder: keras.Model(inputs, conv outputs).predict(probes)
               after every step, the arrays kept in a list
 
@@ -56,10 +57,9 @@ def _parse(argv):
                    help="tiny sizes for a smoke run: 128 examples, batch 32, 1 repeat")
     p.add_argument("--no-naive", action="store_true", help="skip the naive recorder")
     p.add_argument("--variants", action="store_true",
-                   help="also time LayerWatch(compression=None) and LayerWatch(every=4)")
-    p.add_argument("--proposed", action="store_true",
-                   help="also time LayerWatch with the hot-path changes proposed in "
-                        "bench/README.md (monkeypatched, see _proposed())")
+                   help="also time LayerWatch(compression=None), LayerWatch(every=4) and, on "
+                        "TensorFlow, LayerWatch with a separate probe pass instead of the "
+                        "fused one")
     args = p.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.repeats, args.train_size = [32], 1, 128
@@ -132,55 +132,38 @@ class _TraceCounter:
     def install(self):
         import layerwatch.callback as cb
 
-        original = cb.build_extractor
+        original = cb.cast_outputs  # builds the model the probe pass runs
 
-        def counting_build_extractor(model, layers):
-            extractor, taps = original(model, layers)
+        def counting_cast_outputs(extractor, dtype):
+            recorder = original(extractor, dtype)
             self.functions += 1
-            inner = extractor.call
+            inner = recorder.call
 
             def call(*args, **kwargs):
                 self.calls += 1
                 return inner(*args, **kwargs)
 
-            extractor.call = call
-            return extractor, taps
+            recorder.call = call
+            return recorder
 
-        cb.build_extractor = counting_build_extractor
+        cb.cast_outputs = counting_cast_outputs
 
 
-def _proposed():
-    """LayerWatch with the proposed hot-path changes (see bench/README.md), as a subclass.
-
-    1. The probes become a backend tensor once, not a numpy array converted by
-       Keras on every step.
-    2. The writer compresses with gzip level 4 without the shuffle filter: about
-       half the writer thread's time for 2 % more bytes (bench/storage.py).
-    """
-    import functools
-
-    import keras
-
+def _separate_pass(path, probes, labels):
+    """LayerWatch with its probe pass as a separate compiled call after each step
+    (what JAX, PyTorch and multi-replica TensorFlow use), for comparison."""
     import layerwatch.callback as cb
     from layerwatch import LayerWatch
 
-    class NoShuffleRunWriter(cb.RunWriter):
-        create = classmethod(functools.partial(cb.RunWriter.create.__func__, shuffle=False))
-
-    class ProposedLayerWatch(LayerWatch):
+    class SeparatePassLayerWatch(LayerWatch):
         def on_train_begin(self, logs=None):
-            cb.RunWriter = NoShuffleRunWriter  # only this callback's writer
+            fuse, cb.can_fuse = cb.can_fuse, lambda model: False
             try:
                 super().on_train_begin(logs)
             finally:
-                cb.RunWriter = NoShuffleRunWriter.__mro__[1]
-            self._x_tensor = keras.ops.convert_to_tensor(self._x)
+                cb.can_fuse = fuse
 
-        def _snapshot(self):
-            x = getattr(self, "_x_tensor", None)
-            return self._outputs(self._predict(self._x if x is None else x))
-
-    return ProposedLayerWatch
+    return SeparatePassLayerWatch(path, probes, labels, every=1, budget=None)
 
 
 def run(args) -> int:
@@ -201,7 +184,7 @@ def run(args) -> int:
         # One model per batch size, shared by all conditions: one compiled
         # train step, and every condition pays for the same arithmetic.
         model = recipe.build_model(seed=0)
-        conditions: dict[str, dict] = {}
+        conditions = {}  # name -> {"callbacks": [...], "timer": EpochTimer}
 
         def add(name, callbacks, drain=None):
             timer = _epoch_timer(drain)
@@ -216,10 +199,11 @@ def run(args) -> int:
                                      **{"every": 1, "budget": None, **kwargs})
                 add(label, [variant],
                     drain=lambda w=variant: w._writer and w._writer.flush(wait=True))
-        if args.proposed:
-            proposed = _proposed()(os.path.join(tmp, f"b{batch}-proposed.h5"), probes, labels)
-            add("proposed", [proposed],
-                drain=lambda w=proposed: w._writer and w._writer.flush(wait=True))
+            if keras.backend.backend() == "tensorflow":
+                separate = _separate_pass(os.path.join(tmp, f"b{batch}-separate.h5"), probes,
+                                          labels)
+                add("lw-separate", [separate],
+                    drain=lambda w=separate: w._writer and w._writer.flush(wait=True))
         if not args.no_naive:
             add("naive", [_naive_recorder(probes)])
 
@@ -260,13 +244,16 @@ def run(args) -> int:
         print(f"probe function traces: {traces_after_warmup} during warm-up, "
               f"{counter.calls - traces_after_warmup} during the {args.repeats} timed run(s), "
               f"for {counter.functions} probe function(s) built "
-              f"[backend {keras.backend.backend()}; an eager backend runs it every step]")
+              f"[backend {keras.backend.backend()}; on TensorFlow one trace for the separate "
+              "pass (step 0, epoch ends) and one for the fused train step; an eager backend "
+              "runs it every step]")
         counter.calls = counter.functions = 0
         for c in conditions.values():
             for cb in c["callbacks"]:
                 if hasattr(cb, "snapshots"):
                     cb.snapshots = []
-        del conditions, model
+        conditions.clear()
+        del model
         keras.backend.clear_session()
     print(f"\n# done, {_common.load_average()}")
     return exit_code

@@ -5,21 +5,26 @@
     python bench/storage.py --quick                # tiny sizes, a smoke run
 
 First line: bytes on disk ÷ bytes of the same activations as raw float32, at
-the default settings (float16, shuffle + gzip level 4, one snapshot per chunk).
+the default settings (float16; byte shuffle + deflate, which layerwatch
+compresses itself with ISA-L level 3; chunks of up to 32 snapshots and 1 MiB).
 Target: <= 0.25.
 
 Then a table: the same activations written again through layerwatch's own
 ``RunWriter`` under each storage choice, with the ratio and the writer
-thread's CPU time per snapshot (``RunWriter._write``, which converts, compresses
-and writes; it runs beside training, so on a 2-core machine it competes with it).
-Rows marked "lossy" round float16 mantissas before compressing (a prototype,
-not a library option): they show what a coarser but still invisible precision
-would buy.
+thread's CPU time per snapshot (``RunWriter._write``, which stacks, compresses
+and writes; it runs beside training, so on a 2-core machine it competes with
+it). "deflate-N isal" rows are what layerwatch writes (HDF5's gzip filter
+level N, compressed by ISA-L at level min(N, 3)); "zlib" rows are the same
+filter compressed by the standard zlib, as HDF5 itself would; "1 per chunk"
+rows are the layout of layerwatch 0.1 (one snapshot per chunk). All of them
+are standard HDF5 filters that plain h5py reads. Rows marked "lossy" round
+float16 mantissas before compressing (a prototype, not a library option).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -32,27 +37,28 @@ import _common  # noqa: E402
 
 TARGET = 0.25
 
-#: (label, storage dtype, compression, gzip level, shuffle, mantissa bits kept or None)
+#: (label, storage dtype, compression, level, shuffle, mantissa bits kept or None,
+#:  codec: "isal" | "zlib" (deflate rows), chunked along time or one snapshot per chunk)
 CHOICES = [
-    ("none", "float32", None, None, False, None),
-    ("none", "float16", None, None, False, None),
-    ("lzf", "float16", "lzf", None, False, None),
-    ("shuffle+lzf", "float16", "lzf", None, True, None),
-    ("gzip-1", "float16", "gzip", 1, False, None),
-    ("gzip-4", "float16", "gzip", 4, False, None),
-    ("gzip-9", "float16", "gzip", 9, False, None),
-    ("shuffle+gzip-1", "float16", "gzip", 1, True, None),
-    ("shuffle+gzip-4", "float16", "gzip", 4, True, None),   # the default
-    ("shuffle+gzip-6", "float16", "gzip", 6, True, None),
-    ("shuffle+gzip-9", "float16", "gzip", 9, True, None),
-    ("shuffle+lzf", "float32", "lzf", None, True, None),
-    ("shuffle+gzip-4", "float32", "gzip", 4, True, None),
-    ("shuffle+gzip-1 lossy 7-bit mantissa", "float16", "gzip", 1, True, 7),
-    ("shuffle+gzip-4 lossy 7-bit mantissa", "float16", "gzip", 4, True, 7),
-    ("shuffle+gzip-4 lossy 6-bit mantissa", "float16", "gzip", 4, True, 6),
-    ("shuffle+gzip-4 lossy 5-bit mantissa", "float16", "gzip", 4, True, 5),
+    ("none", "float32", None, None, False, None, "isal", True),
+    ("none", "float16", None, None, False, None, "isal", True),
+    ("lzf", "float16", "lzf", None, False, None, "isal", True),
+    ("shuffle+lzf", "float16", "lzf", None, True, None, "isal", True),
+    ("deflate-1 isal", "float16", "gzip", 1, False, None, "isal", True),
+    ("deflate-4 isal", "float16", "gzip", 4, False, None, "isal", True),
+    ("shuffle+deflate-1 isal", "float16", "gzip", 1, True, None, "isal", True),
+    ("shuffle+deflate-2 isal", "float16", "gzip", 2, True, None, "isal", True),
+    ("shuffle+deflate-4 isal", "float16", "gzip", 4, True, None, "isal", True),  # the default
+    ("shuffle+deflate-1 zlib", "float16", "gzip", 1, True, None, "zlib", True),
+    ("shuffle+deflate-4 zlib", "float16", "gzip", 4, True, None, "zlib", True),
+    ("shuffle+deflate-9 zlib", "float16", "gzip", 9, True, None, "zlib", True),
+    ("shuffle+deflate-4 zlib, 1 per chunk", "float16", "gzip", 4, True, None, "zlib", False),
+    ("shuffle+deflate-4 isal, 1 per chunk", "float16", "gzip", 4, True, None, "isal", False),
+    ("shuffle+deflate-4 isal", "float32", "gzip", 4, True, None, "isal", True),
+    ("shuffle+deflate-4 isal lossy 7-bit mant.", "float16", "gzip", 4, True, 7, "isal", True),
+    ("shuffle+deflate-4 isal lossy 5-bit mant.", "float16", "gzip", 4, True, 5, "isal", True),
 ]
-DEFAULT = ("shuffle+gzip-4", "float16")
+DEFAULT = ("shuffle+deflate-4 isal", "float16")
 
 
 def _parse(argv):
@@ -135,6 +141,22 @@ def rewrite(arrays, layers, probes_x, path, *, dtype, compression, level, shuffl
     return stored, raw, spent[0], error
 
 
+@contextlib.contextmanager
+def _storage_variant(codec: str, in_time: bool):
+    """Write with zlib instead of ISA-L, and/or one snapshot per chunk (0.1's layout)."""
+    import layerwatch.store as store
+
+    saved = store._isal, store._MAX_CHUNK_SNAPSHOTS
+    if codec == "zlib":
+        store._isal = None
+    if not in_time:
+        store._MAX_CHUNK_SNAPSHOTS = 1
+    try:
+        yield
+    finally:
+        store._isal, store._MAX_CHUNK_SNAPSHOTS = saved
+
+
 def run(args) -> int:
     import numpy as np
 
@@ -171,22 +193,23 @@ def run(args) -> int:
     # the float16 values, so the float32 rows show storage cost, not precision.
     arrays = [[a[i] for a in per_layer] for i in range(take)]
     print(f"\n## storage choices, {take} snapshots rewritten through RunWriter "
-          "(blocks of 32, one snapshot per chunk), "
+          "(blocks of 32), "
           f"median write time of {args.repeats}")
-    print(f"{'choice':38s} {'dtype':8s} {'ratio':>6s} {'KiB/snap':>9s} {'write CPU ms/snap':>17s}"
+    print(f"{'choice':40s} {'dtype':8s} {'ratio':>6s} {'KiB/snap':>9s} {'write CPU ms/snap':>17s}"
           f" {'max abs err':>12s}")
     print("# max abs err: largest difference from the recording's own values")
-    for label, dt, comp, level, shuffle, bits in CHOICES:
+    for label, dt, comp, level, shuffle, bits, codec, in_time in CHOICES:
         out = os.path.join(tmp, "choice.h5")
         times = []
         for _ in range(args.repeats):
-            s, r, seconds, err = rewrite(arrays, layers, probes_x, out, dtype=dt,
-                                         compression=comp, level=level, shuffle=shuffle,
-                                         bits=bits)
+            with _storage_variant(codec, in_time):
+                s, r, seconds, err = rewrite(arrays, layers, probes_x, out, dtype=dt,
+                                             compression=comp, level=level, shuffle=shuffle,
+                                             bits=bits)
             times.append(seconds)
         seconds = statistics.median(times)
         mark = "  <- default" if (label, dt) == DEFAULT else ""
-        print(f"{label:38s} {dt:8s} {s / r:6.3f} {s / take / 1024:9.1f} "
+        print(f"{label:40s} {dt:8s} {s / r:6.3f} {s / take / 1024:9.1f} "
               f"{1e3 * seconds / take:17.2f} {err:12.2e}{mark}")
         os.unlink(out)
     print(f"# done, {_common.load_average()}")

@@ -16,7 +16,9 @@ import numpy as np
 
 from . import __version__
 from .extractor import (BOUNDED_RANGES, LayerSelector, Tap, build_extractor,
-                        build_gram_extractor, input_spec, probe_function, select_channels)
+                        build_gram_extractor, cast_outputs, input_spec, probe_function,
+                        select_channels)
+from .fused import FusedProbePass, can_fuse
 from .probes import check_labels, check_probes
 from .store import STATUS_COMPLETE, STATUS_STOPPED, LayerSpec, RunWriter, open_run, utc_now
 
@@ -165,6 +167,11 @@ class LayerWatch(keras.callbacks.Callback):
         self.channel_selection = channel_selection
         self.budget = None if budget is None else float(budget)
         self._predict: Any = None
+        self._recorder: keras.Model | None = None
+        self._fusion: FusedProbePass | None = None  # built once, reused by later fits
+        self._fused: FusedProbePass | None = None   # installed for this fit
+        #: (step, epoch, Grams) of a snapshot the next fused train call will take.
+        self._deferred: tuple[int, int, list[np.ndarray] | None] | None = None
         self._channels: list[np.ndarray | None] = []
         self._totals: list[int] = []
         self._meter: _CostMeter | None = None
@@ -224,10 +231,16 @@ class LayerWatch(keras.callbacks.Callback):
         self._failed = False
         _open_writers.add(self._writer)
         if self._last_step != step:
-            self._record(step, first)
+            self._record(step, first, self._analysis_grams(step))
         # Measured once per callback: a resumed or repeated fit() warns no more.
         self._meter = _CostMeter() if self.budget is not None and not self._budget_checked \
             else None
+        if not self._read_steps and can_fuse(model):
+            fusion = self._fusion
+            if fusion is None or fusion.recorder is not self._recorder or not fusion.install():
+                fusion = self._fusion = FusedProbePass(model, self._recorder, self._x)
+                fusion.install()
+            self._fused = fusion
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = int(epoch)
@@ -239,20 +252,32 @@ class LayerWatch(keras.callbacks.Callback):
         if self._writer is None or self._failed:
             return
         try:
+            start = time.perf_counter()
+            fused_call = self._deferred is not None
+            if fused_call:
+                self._take_deferred()
             step = self._batch_step(batch)
             recorded = self._last_step is None or \
                 step // self.every > self._last_step // self.every
             if logs:
                 # The learning rate is a variable read: taken at recorded steps only.
                 self._writer.add_batch_logs(step, self._scalars(logs, with_lr=recorded))
-            start = time.perf_counter()
-            if recorded:
+            direct = recorded and (self._fused is None or (
+                self._meter is not None and self._meter.wants_plain_step()))
+            written = None
+            if direct:
                 arrays = self._snapshot()
                 written = time.perf_counter()
-                self._record(step, arrays)
+                self._record(step, arrays, self._analysis_grams(step))
+            elif recorded:
+                # The next train call runs the probes on the weights of this step.
+                self._deferred = (step, self._epoch, self._analysis_grams(step))
+                self._last_step = step
+                self._fused.wanted = True
             if self._meter is not None:
                 end = time.perf_counter()
-                self._meter.add(step, start, end, (end - written) if recorded else None)
+                self._meter.add(step, start, end, (end - written) if direct else None,
+                                fused_call=fused_call)
                 if self._meter.done:
                     self._check_budget(self._meter)
                     self._meter, self._budget_checked = None, True
@@ -263,6 +288,9 @@ class LayerWatch(keras.callbacks.Callback):
         if self._writer is None or self._failed:
             return
         try:
+            # Snapshots are on disk at every epoch end: no deferred one waits
+            # for the next epoch (and for whatever runs between epochs).
+            self._take_deferred(now=True)
             step = self._step()
             if self._epoch_start is not None and self._derived_last is not None \
                     and self._derived_last != step and not self._read_steps:
@@ -282,11 +310,13 @@ class LayerWatch(keras.callbacks.Callback):
             return
         if not self._failed:
             try:
+                self._take_deferred(now=True)
                 step = self._step()
                 if step != self._last_step:
-                    self._record(step, self._snapshot(), final=True)
+                    self._record(step, self._snapshot(), self._analysis_grams(step, final=True))
                 elif self._grams is not None and self._last_analysis != step:
-                    self._record(step, None, final=True)  # Grams for the final step
+                    # Grams for the final step
+                    self._record(step, None, self._analysis_grams(step, final=True))
             except Exception as exc:
                 self._stop_recording(exc)
         self._close(status=STATUS_STOPPED if self._failed else STATUS_COMPLETE)
@@ -315,18 +345,24 @@ class LayerWatch(keras.callbacks.Callback):
         if self.analysis_probes is not None:
             self._xa = np.asarray(self.analysis_probes, dtype=dtype)
             self._grams = probe_function(model, build_gram_extractor(self._extractor))
-        self._choose_channels(model)
+        axes = self._choose_channels(model)
+        recorder = self._extractor
+        if any(c is not None for c in self._channels):
+            recorder = select_channels(recorder, self._channels, axes)
+        # Stored as float16: converted where computed, not by NumPy in the writer.
+        self._recorder = cast_outputs(recorder, self.dtype)
+        self._predict = probe_function(model, self._recorder)
         self._extractor_for = id(model)
 
-    def _choose_channels(self, model: keras.Model) -> None:
-        """Cut wide layers to ``max_channels`` inside the probe function."""
+    def _choose_channels(self, model: keras.Model) -> list[int]:
+        """Which channels to keep per layer (``max_channels``); returns the channel axes."""
         axes = [_channel_axis(tap.layer, len(out.shape)) for tap, out in
                 zip(self._taps, self._extractor.outputs)]
         self._totals = [int(out.shape[axis]) for out, axis in zip(self._extractor.outputs, axes)]
         k = self.max_channels
         if k is None or all(total <= k for total in self._totals):
             self._channels = [None] * len(self._taps)
-            return
+            return axes
         stored = self._stored_channels()
         if self.channel_selection == "variance" and stored is None:
             full = self._outputs(self._predict(self._x))
@@ -341,8 +377,7 @@ class LayerWatch(keras.callbacks.Callback):
             else:
                 channels.append(np.arange(k))
         self._channels = channels
-        recorder = select_channels(self._extractor, channels, axes)
-        self._predict = probe_function(model, recorder)
+        return axes
 
     def _stored_channels(self) -> dict[str, Any] | None:
         """Channels kept by the recording being resumed (variance is not re-chosen)."""
@@ -366,16 +401,45 @@ class LayerWatch(keras.callbacks.Callback):
             outputs = [outputs]
         return [keras.ops.convert_to_numpy(o) for o in outputs]
 
-    def _record(self, step: int, arrays: list[np.ndarray] | None, *,
-                final: bool = False) -> None:
-        grams = None
-        if self._grams is not None and (
+    def _analysis_grams(self, step: int, *, final: bool = False) -> list[np.ndarray] | None:
+        """The analysis probes' Gram matrices now, if ``step`` is an analysis step."""
+        if self._grams is None or not (
                 final or self._last_analysis is None
                 or step // self.analysis_every > self._last_analysis // self.analysis_every):
-            grams = self._outputs(self._grams(self._xa))
-            self._last_analysis = step
-        self._writer.add_snapshot(step, self._epoch, arrays, grams)
+            return None
+        self._last_analysis = step
+        return self._outputs(self._grams(self._xa))
+
+    def _record(self, step: int, arrays: list[np.ndarray] | None,
+                grams: list[np.ndarray] | None, *, epoch: int | None = None) -> None:
+        self._writer.add_snapshot(step, self._epoch if epoch is None else epoch, arrays, grams)
         self._last_step = step
+
+    def _take_deferred(self, *, now: bool = False) -> None:
+        """Record the snapshot deferred to this train call (``now``: with a
+        separate probe pass, the weights being those of its step still)."""
+        if self._deferred is None:
+            return
+        (step, epoch, grams), self._deferred = self._deferred, None
+        arrays = self._fused.take() if self._fused is not None else None
+        if arrays is None and now:
+            if self._fused is not None:
+                self._fused.wanted = False
+            arrays = self._snapshot()
+        if arrays is None:
+            # No fused call ran: something replaced the model's train function.
+            warnings.warn(
+                f"layerwatch: the snapshot of step {step} was lost (the model's train "
+                "function was replaced during fit); recording goes on with a separate "
+                "probe pass.", RuntimeWarning, stacklevel=3)
+            self._release_fused()
+            return
+        self._record(step, arrays, grams, epoch=epoch)
+
+    def _release_fused(self) -> None:
+        fused, self._fused = self._fused, None
+        if fused is not None:
+            fused.restore()
 
     def _analysis_resume_point(self, step: int) -> int | None:
         """The last analysis step kept when appending at ``step``; appending must
@@ -499,6 +563,8 @@ class LayerWatch(keras.callbacks.Callback):
         self._close(status=STATUS_STOPPED)
 
     def _close(self, *, status: int) -> None:
+        self._release_fused()
+        self._deferred = None
         writer, self._writer = self._writer, None
         if writer is None:
             return
@@ -527,7 +593,14 @@ def _most_varying(array: np.ndarray, axis: int, k: int) -> np.ndarray:
 
 
 class _CostMeter:
-    """Times recording against training over the first batches of a fit."""
+    """Times recording against training over the first batches of a fit.
+
+    A snapshot taken by a separate probe pass costs the callback's own time;
+    one fused into the train step (see :mod:`layerwatch.fused`) costs what
+    that train call takes beyond a plain one, plus the callback's time to
+    hand it over. With fused snapshots at every step, the meter asks for
+    every other one to be taken separately, so plain train calls get timed.
+    """
 
     warmup = 2     # batch ends skipped: tracing and compilation
     batches = 8    # batch ends measured after that
@@ -536,16 +609,24 @@ class _CostMeter:
         self._seen = 0
         self._last_end: float | None = None
         self._last_step: int | None = None
-        self._train: list[float] = []       # seconds per optimizer step, between our calls
-        self._record: list[float] = []      # seconds per recorded snapshot
+        self._train: list[float] = []       # seconds per plain optimizer step
+        self._fused: list[float] = []       # seconds per fused optimizer step
+        self._handover: list[float] = []    # callback seconds after a fused step
+        self._record: list[float] = []      # callback seconds per separate snapshot
         self._write: list[float] = []       # of which handing it to the writer
         self.first_step: int | None = None
         self.last_step: int | None = None
 
-    def add(self, step: int, start: float, end: float, write: float | None) -> None:
+    def add(self, step: int, start: float, end: float, write: float | None, *,
+            fused_call: bool = False) -> None:
         self._seen += 1
         if self._seen > self.warmup and self._last_end is not None and step > self._last_step:
-            self._train.append((start - self._last_end) / (step - self._last_step))
+            seconds = (start - self._last_end) / (step - self._last_step)
+            if fused_call:
+                self._fused.append(seconds)
+                self._handover.append(end - start)
+            else:
+                self._train.append(seconds)
             if write is not None:
                 self._record.append(end - start)
                 self._write.append(write)
@@ -553,14 +634,21 @@ class _CostMeter:
             self.last_step = step
         self._last_end, self._last_step = end, step
 
+    def wants_plain_step(self) -> bool:
+        """Whether the next snapshot should be taken separately (a plain step follows)."""
+        return len(self._train) < len(self._fused)
+
     @property
     def done(self) -> bool:
-        return len(self._train) >= self.batches
+        return len(self._train) + len(self._fused) >= self.batches
 
     def step_time(self) -> float | None:
         return float(np.median(self._train)) if self._train else None
 
     def record_cost(self) -> float | None:
+        if self._fused and self._train:
+            return max(0.0, float(np.median(self._fused) - np.median(self._train))) \
+                + float(np.median(self._handover))
         return float(np.median(self._record)) if self._record else None
 
     def write_cost(self) -> float:

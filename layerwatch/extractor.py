@@ -281,6 +281,15 @@ def select_channels(extractor: keras.Model, channels: Sequence[Sequence[int] | N
     return keras.Model(extractor.inputs[0], outputs, name=f"{extractor.name}_channels")
 
 
+def cast_outputs(extractor: keras.Model, dtype: str) -> keras.Model:
+    """The extractor with every output cast to ``dtype`` (inside the compiled
+    function), or the extractor itself if its outputs already are."""
+    if all(str(out.dtype) == str(dtype) for out in extractor.outputs):
+        return extractor
+    outputs = [keras.ops.cast(out, dtype) for out in extractor.outputs]
+    return keras.Model(extractor.inputs[0], outputs, name=f"{extractor.name}_{dtype}")
+
+
 def probe_function(model: keras.Model, extractor: keras.Model) -> Callable[[Any], Any]:
     """One compiled, inference-mode function from the probes to ``extractor``'s outputs.
 

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
+from h5py._objects import phil as _HDF5_LOCK  # h5py's lock around the HDF5 library
 
 FORMAT_NAME = "layerwatch"
 FORMAT_VERSION = 1
@@ -36,6 +37,13 @@ _MAX_LAYERS = 4096
 _MAX_METRICS = 4096
 _MAX_TEXT_BYTES = 64 * 1024 * 1024
 _MAX_RANK = 6
+
+#: Activations are chunked along time: one chunk holds up to this many
+#: snapshots of a layer (a power of two), and at most ``_CHUNK_BYTES``
+#: uncompressed, HDF5's default per-dataset chunk cache, so a plain h5py
+#: reader going snapshot by snapshot decompresses each chunk once.
+_MAX_CHUNK_SNAPSHOTS = 32
+_CHUNK_BYTES = 1 << 20
 
 
 class RecordingError(Exception):
@@ -93,6 +101,11 @@ class RunWriter:
         self._pending: list[tuple[int, int, float, list[np.ndarray]]] = []
         self._pending_batch: list[tuple[int, dict[str, float]]] = []
         self._pending_epoch: list[tuple[int, int, dict[str, float]]] = []
+        #: Per layer, the rows of its last, not yet full chunk (writer thread only).
+        self._tails: dict[str, np.ndarray] = {}
+        self._encoders: dict[str, Any] = {}
+        self._nodes: dict[str, h5py.Dataset] = {}
+        self._rows = int(f["steps"].shape[0])  # snapshots in the file and queued
         self._lock = threading.Lock()
         st = os.stat(f.filename)
         self._identity = (st.st_dev, st.st_ino)
@@ -151,7 +164,7 @@ class RunWriter:
                 shape = (n_probes,) + tuple(spec.shape)
                 ds = acts.create_dataset(
                     spec.key, (0,) + shape, maxshape=(None,) + shape, dtype=storage_dtype,
-                    chunks=(1,) + shape, compression=compression,
+                    chunks=(_time_chunk(shape, storage_dtype),) + shape, compression=compression,
                     compression_opts=compression_opts if compression == "gzip" else None,
                     shuffle=shuffle if compression else False)
                 for name, value in spec.attrs.items():
@@ -239,7 +252,12 @@ class RunWriter:
             self._pending.append((int(step), int(epoch), time.time(),
                                   None if arrays is None else list(arrays),
                                   None if grams is None else list(grams)))
-            full = len(self._pending) >= self._flush_snapshots
+            if arrays is not None:
+                self._rows += 1
+            # Blocks end at multiples of flush_snapshots rows where they can, so
+            # they fill whole chunks (see _time_chunk) after an early flush too.
+            full = len(self._pending) >= self._flush_snapshots or (
+                arrays is not None and self._rows % self._flush_snapshots == 0)
         if full:
             self.flush()
         else:
@@ -350,36 +368,36 @@ class RunWriter:
                 self._queue.task_done()
 
     def _write(self, snapshots, batch_logs, epoch_logs) -> None:
-        f = self._f
+        f, node = self._f, self._node
         self._check_file()
         commits: list[tuple[h5py.Dataset, list[int]]] = []
         with_grams = [s for s in snapshots if s[4] is not None]
         snapshots = [s for s in snapshots if s[3] is not None]
         if snapshots:
             n = len(snapshots)
-            t0 = f["steps"].shape[0]
+            t0 = node("steps").shape[0]
             for i, key in enumerate(self._keys):
                 block = np.stack([s[3][i] for s in snapshots]).astype(self._dtype, copy=False)
-                ds = f["activations"][key]
+                ds = node(f"activations/{key}")
                 ds.resize(t0 + n, axis=0)
-                ds[t0:t0 + n] = block
+                self._write_rows(key, ds, t0, block)
             for name, column in (("epochs", 1), ("wall_time", 2)):
-                ds = f[name]
+                ds = node(name)
                 ds.resize(t0 + n, axis=0)
                 ds[t0:t0 + n] = [s[column] for s in snapshots]
-            commits.append((f["steps"], [s[0] for s in snapshots]))
+            commits.append((node("steps"), [s[0] for s in snapshots]))
         if with_grams:
-            g0 = f["analysis/steps"].shape[0]
+            g0 = node("analysis/steps").shape[0]
             for i, key in enumerate(self._keys):
-                ds = f["analysis/gram"][key]
+                ds = node(f"analysis/gram/{key}")
                 ds.resize(g0 + len(with_grams), axis=0)
                 ds[g0:] = np.stack([s[4][i] for s in with_grams]).astype(np.float32)
-            commits.append((f["analysis/steps"], [s[0] for s in with_grams]))
+            commits.append((node("analysis/steps"), [s[0] for s in with_grams]))
         if batch_logs:
-            commits.append(_append_logs(f["metrics/batch"], [(s,) for s, _ in batch_logs],
+            commits.append(_append_logs(node, "metrics/batch", [(s,) for s, _ in batch_logs],
                                         [logs for _, logs in batch_logs], ("step",)))
         if epoch_logs:
-            commits.append(_append_logs(f["metrics/epoch"], [(e, s) for e, s, _ in epoch_logs],
+            commits.append(_append_logs(node, "metrics/epoch", [(e, s) for e, s, _ in epoch_logs],
                                         [logs for _, _, logs in epoch_logs], ("epoch", "step")))
         if commits:
             f.flush()  # the data reaches the file before the index that counts it
@@ -387,8 +405,106 @@ class RunWriter:
             start = ds.shape[0]
             ds.resize((start + len(values),))
             ds[start:] = values
-        f["heartbeat"][0] = time.time()
+        node("heartbeat")[0] = time.time()
         f.flush()
+
+    def _node(self, path: str) -> h5py.Dataset:
+        """An open dataset of the file, kept open: opening one costs milliseconds."""
+        ds = self._nodes.get(path)
+        if ds is None:
+            ds = self._nodes[path] = self._f[path]
+        return ds
+
+    def _write_rows(self, key: str, ds: h5py.Dataset, t0: int, block: np.ndarray) -> None:
+        """Write ``block`` at rows ``t0``... of ``ds``, chunk by chunk.
+
+        Chunks are compressed here (see :func:`_chunk_encoder`) and written as
+        they are. A last, partly filled chunk is written padded, and its rows
+        kept in memory: the next block rewrites that chunk whole without
+        reading it back. (Blocks are handed over at multiples of
+        ``flush_snapshots`` rows, so that is rare: see :meth:`add_snapshot`.)
+        """
+        size = ds.chunks[0]
+        c0 = t0 - t0 % size
+        tail = self._tails.get(key)
+        if tail is None or len(tail) != t0 - c0:  # first block, or a resumed file
+            tail = ds[c0:t0]
+        rows = np.concatenate([tail, block]) if len(tail) else block
+        last = len(rows) - len(rows) % size  # where the last, partly filled chunk starts
+        if key not in self._encoders:
+            self._encoders[key] = _chunk_encoder(ds)
+        encode = self._encoders[key]
+        if encode is None:  # HDF5 applies the filters itself
+            ds[c0:c0 + len(rows)] = rows
+        else:
+            origin = (0,) * (rows.ndim - 1)
+            for j in range(0, len(rows), size):
+                chunk = rows[j:j + size]
+                if len(chunk) < size:  # rows past the dataset's end are never read
+                    chunk = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:],
+                                                            dtype=chunk.dtype)])
+                data = encode(chunk)
+                # h5py takes its global HDF5 lock around every call but this
+                # one (h5py 3.14): without it, two writers' threads would be
+                # inside HDF5 at once.
+                with _HDF5_LOCK:
+                    ds.id.write_direct_chunk((c0 + j,) + origin, data)
+        self._tails[key] = rows[last:]
+
+
+def _time_chunk(shape: Sequence[int], dtype: Any) -> int:
+    """Snapshots per chunk for a layer: a power of two, at most 32 and 1 MiB."""
+    per_snapshot = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    fits = max(1, min(_MAX_CHUNK_SNAPSHOTS, _CHUNK_BYTES // max(per_snapshot, 1)))
+    return 1 << (fits.bit_length() - 1)
+
+
+def _chunk_encoder(ds: h5py.Dataset):
+    """A function from a full chunk's rows to its bytes on disk, or None.
+
+    For the default filters (byte shuffle, then deflate) the chunk is encoded
+    here with ISA-L's deflate (the ``isal`` package; several times faster than
+    zlib on this kind of data, same stream format) and written directly, so any
+    HDF5 reader inflates it as usual. Without ``isal`` the standard library's
+    zlib does the same, more slowly. Other filter choices return None: HDF5
+    applies them itself.
+    """
+    plist = ds.id.get_create_plist()
+    filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+    deflate, shuffle = h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE
+    if deflate not in filters or not filters <= {deflate, shuffle}:
+        return None
+    shuffle = shuffle in filters
+    level = int(ds.compression_opts or 4)
+
+    def encode(rows: np.ndarray) -> bytes:
+        rows = np.ascontiguousarray(rows)
+        if shuffle and rows.itemsize > 1:  # HDF5's shuffle: all first bytes, then all second…
+            data = rows.view(np.uint8).reshape(-1, rows.itemsize).T.tobytes()
+        else:
+            data = rows.tobytes()
+        return _deflate(data, level)
+
+    return encode
+
+
+try:
+    from isal import isal_zlib as _isal
+except ImportError:  # pragma: no cover - isal has wheels for the usual platforms
+    _isal = None
+
+
+def _deflate(data: bytes, level: int) -> bytes:
+    """A zlib-format deflate stream of ``data`` (what HDF5's deflate filter reads).
+
+    Both libraries release the GIL while compressing, so the training loop's
+    Python keeps running beside the writer thread.
+    """
+    if _isal is not None:
+        return _isal.compress(data, min(level, _isal.ISAL_BEST_COMPRESSION))
+    import zlib
+
+    return zlib.compress(data, level)
 
 
 def _fixed(value: Any) -> Any:
@@ -437,11 +553,12 @@ def _lower_priority() -> None:
         pass
 
 
-def _append_logs(group: h5py.Group, index_rows, logs_rows, index_names
+def _append_logs(node, group: str, index_rows, logs_rows, index_names
                  ) -> tuple[h5py.Dataset, list[int]]:
     """Write a block of log rows except the last index column, which is returned
-    (dataset, values) for the caller to commit after a flush."""
-    names_ds = group["names"]
+    (dataset, values) for the caller to commit after a flush. ``node(path)``
+    opens a dataset of the file."""
+    names_ds = node(f"{group}/names")
     names = [n.decode("utf-8") for n in names_ds[:]]
     for logs in logs_rows:
         for name in logs:
@@ -451,7 +568,7 @@ def _append_logs(group: h5py.Group, index_rows, logs_rows, index_names
         start = names_ds.shape[0]
         names_ds.resize((len(names),))
         names_ds[start:] = [n.encode("utf-8")[:128] for n in names[start:]]
-    values = group["values"]
+    values = node(f"{group}/values")
     n0 = values.shape[0]
     block = np.full((len(logs_rows), len(names)), np.nan)
     for r, logs in enumerate(logs_rows):
@@ -460,10 +577,10 @@ def _append_logs(group: h5py.Group, index_rows, logs_rows, index_names
     values.resize((n0 + len(logs_rows), len(names)))
     values[n0:] = block
     for j, name in enumerate(index_names[:-1]):
-        ds = group[name]
+        ds = node(f"{group}/{name}")
         ds.resize((n0 + len(logs_rows),))
         ds[n0:] = [row[j] for row in index_rows]
-    return group[index_names[-1]], [row[-1] for row in index_rows]
+    return node(f"{group}/{index_names[-1]}"), [row[-1] for row in index_rows]
 
 
 def _set_writer_attrs(f: h5py.File, flush_seconds: float, flush_snapshots: int) -> None:
@@ -979,11 +1096,15 @@ class Run:
         """Yield one snapshot (probes, *shape) at a time, reading from disk."""
         layer = self.layer(key)
         n = self.num_snapshots
+        with self._reading():
+            # One open dataset for the whole pass: its chunk cache holds the
+            # chunk (several snapshots) that the next read needs.
+            ds = self._f["activations"][layer.key]
         for i in (range(n) if indices is None else indices):
             if not 0 <= int(i) < n:
                 raise IndexError(f"snapshot index {i} out of range 0..{n - 1}")
             with self._reading():
-                snapshot = self._f["activations"][layer.key][int(i)].astype(np.float32)
+                snapshot = ds[int(i)].astype(np.float32)
             yield snapshot
 
     # -- analysis probes (optional) ----------------------------------------- #
@@ -1046,11 +1167,13 @@ class Run:
         layer = self.layer(key)
         if layer.key not in group["gram"]:
             raise KeyError(key)
+        with self._reading():
+            ds = group["gram"][layer.key]
         for i in (range(rows) if indices is None else indices):
             if not 0 <= int(i) < rows:
                 raise IndexError(f"analysis index {i} out of range 0..{rows - 1}")
             with self._reading():
-                gram = group["gram"][layer.key][int(i)].astype(np.float64)
+                gram = ds[int(i)].astype(np.float64)
             yield gram
 
     def first_nonfinite(self, key: str) -> int | None:

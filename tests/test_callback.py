@@ -62,7 +62,7 @@ def test_records_every_step_and_values_match_model(tmp_path, tiny_data):
         assert sorted(f["activations"]) == ["c1", "c2"]
         c1, c2 = f["activations/c1"], f["activations/c2"]
         assert c1.shape == (7, 3, 8, 8, 2) and c2.shape == (7, 3, 4, 4, 3)
-        assert c1.dtype == np.float16 and c1.chunks == (1, 3, 8, 8, 2)
+        assert c1.dtype == np.float16 and c1.chunks == (32, 3, 8, 8, 2)  # 32 snapshots per chunk
         assert c1.compression == "gzip"
         np.testing.assert_allclose(c1[0], before[0], atol=TOL)
         np.testing.assert_allclose(c1[-1], after[0], atol=TOL)
@@ -468,3 +468,76 @@ def test_gradient_accumulation_counts_optimizer_steps_not_batches(tmp_path, tiny
               callbacks=[LayerWatch(path, x[:2], budget=None)])  # 4 batches = 2 steps/epoch
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["steps"][:], [0, 1, 2, 3, 4])
+
+
+class _Seen(keras.callbacks.Callback):
+    """After each batch, the recorded layers as the model computes them now."""
+
+    def __init__(self, probes):
+        super().__init__()
+        self.probes, self.at = probes, {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.at[step] = conv_outputs(self.model, ["c1", "act"], self.probes)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="the fused probe pass is TensorFlow's")
+def test_fused_probe_pass_is_exact_built_once_and_hands_the_train_step_back(tmp_path, tiny_data):
+    from layerwatch.fused import FusedProbePass
+
+    x, y = tiny_data
+    model = tanh_relu_model(bn=True)
+    probes = x[:3]
+    watch, seen = LayerWatch(tmp_path / "run.h5", probes, budget=None), _Seen(probes)
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[watch, seen])
+    fusion = watch._fusion
+    assert isinstance(fusion, FusedProbePass)
+    assert not isinstance(model.train_function, FusedProbePass)  # handed back after fit
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[watch, seen])
+    assert watch._fusion is fusion  # a later fit reuses the traced function
+    assert not isinstance(model.train_function, FusedProbePass)
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        steps = f["steps"][:].tolist()
+        recorded = [f["activations/c1"][:], f["activations/c2"][:]]
+        np.testing.assert_array_equal(f["epochs"][:], [0, 0, 0, 0, 1, 1, 1, 0, 0, 0])
+    assert steps == list(range(10))
+    # Each fused snapshot is the model as it stood after its step (BN statistics too).
+    for index, step in enumerate(steps[1:], start=1):
+        for rec, want in zip(recorded, seen.at[step]):
+            np.testing.assert_allclose(rec[index], want, atol=TOL, rtol=TOL)
+
+
+def test_two_recorders_on_one_model_record_the_same(tmp_path, tiny_data):
+    x, y = tiny_data
+    model = tanh_relu_model()
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0,
+              callbacks=[LayerWatch(tmp_path / "a.h5", x[:3], budget=None),
+                         LayerWatch(tmp_path / "b.h5", x[:3], budget=None)])
+    with h5py.File(tmp_path / "a.h5", "r") as a, h5py.File(tmp_path / "b.h5", "r") as b:
+        assert a["steps"][:].tolist() == b["steps"][:].tolist() == list(range(7))
+        for key in ("c1", "c2"):
+            np.testing.assert_array_equal(a["activations"][key][:], b["activations"][key][:])
+
+
+def test_a_fit_that_raised_leaves_training_working(tmp_path, tiny_data):
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise RuntimeError("boom")
+
+    x, y = tiny_data
+    model = tanh_relu_model()
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0,
+                  callbacks=[LayerWatch(tmp_path / "a.h5", x[:3], budget=None), Boom()])
+    history = model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # no recorder at all
+    assert np.isfinite(history.history["loss"][0])
+    start = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    assert start == 2 + 3
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0,
+              callbacks=[LayerWatch(tmp_path / "b.h5", x[:3], budget=None)])
+    with h5py.File(tmp_path / "b.h5", "r") as f:
+        assert f["steps"][:].tolist() == list(range(start, start + 4))
+        assert f["status"][0] == 1

@@ -282,3 +282,66 @@ def test_repair_refuses_a_file_still_being_written(tmp_path):
         writer.close()
     with open_run(path) as run:
         assert run.status == STATUS_COMPLETE and run.writer_state == "closed"
+
+
+def _writer(path, shapes, **kwargs):
+    from layerwatch.store import LayerSpec, RunWriter
+
+    specs = [LayerSpec(key=f"l{i}", shape=shape) for i, shape in enumerate(shapes)]
+    return RunWriter.create(str(path), layers=specs, probes_x=np.zeros((2, 4, 4, 1), "f4"),
+                            probes_y=None, metadata={}, texts={}, **kwargs)
+
+
+def test_time_chunks_round_trip_through_early_flushes_and_append(tmp_path):
+    """Chunks hold many snapshots; blocks that end mid-chunk, and a resumed file
+    whose last chunk is partly filled, still read back exactly."""
+    from layerwatch.store import LayerSpec, RunWriter
+
+    rng = np.random.default_rng(0)
+    shapes = [(64, 64, 4), (7, 7, 16), (300, 300, 4)]  # 16, 32 and 1 snapshot(s) per chunk
+    path = tmp_path / "run.h5"
+    writer = _writer(path, shapes, flush_snapshots=5)
+    made = []
+    for step in range(45):
+        arrays = [rng.normal(size=(2,) + s).astype("f4") for s in shapes]
+        made.append(arrays)
+        writer.add_snapshot(step, 0, arrays)
+        if step == 20:
+            writer.flush(wait=True)
+    writer.close()
+    specs = [LayerSpec(key=f"l{i}", shape=s) for i, s in enumerate(shapes)]
+    writer = RunWriter.append(str(path), layers=specs, probes_x=np.zeros((2, 4, 4, 1), "f4"),
+                              probes_y=None, from_step=44)
+    for step in range(45, 60):
+        arrays = [rng.normal(size=(2,) + s).astype("f4") for s in shapes]
+        made.append(arrays)
+        writer.add_snapshot(step, 0, arrays)
+    writer.close()
+    with h5py.File(path, "r") as f:
+        assert [f[f"activations/l{i}"].chunks[0] for i in range(3)] == [16, 32, 1]
+        for i in range(3):
+            want = np.stack([m[i] for m in made]).astype(np.float16)
+            np.testing.assert_array_equal(f[f"activations/l{i}"][:], want)
+    with open_run(path) as run:
+        assert run.steps.tolist() == list(range(60))
+        got = list(run.iter_activations("l0"))
+        np.testing.assert_array_equal(got[37], made[37][0].astype(np.float16).astype(np.float32))
+
+
+def test_two_writers_in_one_process_do_not_corrupt_each_other(tmp_path):
+    rng = np.random.default_rng(1)
+    shapes = [(16, 16, 8)] * 4
+    writers = [_writer(tmp_path / f"{name}.h5", shapes, flush_snapshots=1) for name in "ab"]
+    made = []
+    for step in range(200):
+        arrays = [rng.normal(size=(2,) + s).astype("f4") for s in shapes]
+        made.append(arrays)
+        for writer in writers:
+            writer.add_snapshot(step, 0, arrays)
+    for writer in writers:
+        writer.close()
+    for name in "ab":
+        with h5py.File(tmp_path / f"{name}.h5", "r") as f:
+            for i in range(len(shapes)):
+                np.testing.assert_array_equal(f[f"activations/l{i}"][:], np.stack(
+                    [m[i] for m in made]).astype(np.float16))
