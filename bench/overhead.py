@@ -16,7 +16,7 @@ three callback lists, taking turns on one model (per batch size):
 
 Each condition first trains one epoch that is not timed (tracing and compiling).
 Then the runs alternate (none, layerwatch, naive, then the next repeat rotated);
-a run is one ``fit`` of enough epochs for at least 16 steps, timed from its
+a run is one ``fit`` of enough epochs for at least 128 steps, timed from its
 first ``on_epoch_begin`` to its last ``on_epoch_end`` and divided by the epochs.
 The LayerWatch run also waits at its end until the writer thread has written
 everything queued, so compression and disk time are inside the figure (a small
@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL before Keras loads)
 
 TARGETS = {64: 1.10, 1024: 1.03}
+MIN_STEPS = 128  # per timed run: shorter runs are mostly noise
 
 
 def _parse(argv):
@@ -50,7 +51,7 @@ def _parse(argv):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 1024])
     p.add_argument("--repeats", type=int, default=5, help="timed runs per condition (default 5)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="timed epochs per run (default: enough for >= 16 steps)")
+                   help="timed epochs per run (default: enough for >= 128 steps)")
     p.add_argument("--train-size", type=int, default=None,
                    help="training examples (default: all 4,000 bundled)")
     p.add_argument("--quick", action="store_true",
@@ -63,6 +64,7 @@ def _parse(argv):
     args = p.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.repeats, args.train_size = [32], 1, 128
+        args.epochs = args.epochs or 2
     if args.repeats < 1 or (args.epochs is not None and args.epochs < 1):
         p.error("--repeats and --epochs must be >= 1")
     return args
@@ -212,7 +214,7 @@ def run(args) -> int:
             c = conditions[name]
             model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=c["callbacks"])
         traces_after_warmup = counter.calls
-        epochs = args.epochs or -(-16 // -(-len(x) // batch))
+        epochs = args.epochs or -(-MIN_STEPS // -(-len(x) // batch))
         epoch_times = {name: [] for name in names}
         cpu_times = {name: [] for name in names}
         for r in range(args.repeats):

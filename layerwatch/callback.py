@@ -78,7 +78,8 @@ class LayerWatch(keras.callbacks.Callback):
     flush_seconds : float, default 2.0
         Longest time a snapshot waits before it is handed to the disk writer: a
         crash loses at most the snapshots of the last ``flush_seconds`` (plus the
-        time the disk needs), never more than ``3 * flush_snapshots - 1``.
+        time the disk needs), never more than ``3 * flush_snapshots - 1``; on
+        TensorFlow also the newest step's, which the next step computes.
     flush_snapshots : int, default 32
         Snapshots buffered before a write is started.
     analysis_probes : array-like, optional
@@ -87,6 +88,18 @@ class LayerWatch(keras.callbacks.Callback):
         more probes is less noisy). Shaped like ``probes``; at least 2.
     analysis_every : int, default 10
     compression : {"gzip", "lzf", None}, default "gzip"
+        HDF5 filter of the activations. ``"gzip"`` is byte shuffle + deflate,
+        compressed by layerwatch itself with ISA-L (a standard stream any HDF5
+        reader inflates).
+
+    Notes
+    -----
+    The probe pass is one compiled, inference-mode function built once. On
+    TensorFlow (one replica, one step per execution) it runs *inside* the
+    train step's graph instead (``layerwatch.fused``): the snapshot of step
+    ``k`` is computed by the train call of step ``k + 1``, on the weights that
+    step starts from, and written when that call returns (or at the epoch's
+    end). The model's own train function is handed back when ``fit`` ends.
 
     Raises
     ------
@@ -170,8 +183,8 @@ class LayerWatch(keras.callbacks.Callback):
         self._recorder: keras.Model | None = None
         self._fusion: FusedProbePass | None = None  # built once, reused by later fits
         self._fused: FusedProbePass | None = None   # installed for this fit
-        #: (step, epoch, Grams) of a snapshot the next fused train call will take.
-        self._deferred: tuple[int, int, list[np.ndarray] | None] | None = None
+        #: (step, epoch, Grams, batch logs) of a snapshot the next fused train call takes.
+        self._deferred: tuple[int, int, list[np.ndarray] | None, dict] | None = None
         self._channels: list[np.ndarray | None] = []
         self._totals: list[int] = []
         self._meter: _CostMeter | None = None
@@ -259,21 +272,23 @@ class LayerWatch(keras.callbacks.Callback):
             step = self._batch_step(batch)
             recorded = self._last_step is None or \
                 step // self.every > self._last_step // self.every
-            if logs:
-                # The learning rate is a variable read: taken at recorded steps only.
-                self._writer.add_batch_logs(step, self._scalars(logs, with_lr=recorded))
             direct = recorded and (self._fused is None or (
                 self._meter is not None and self._meter.wants_plain_step()))
+            scalars = self._scalars(logs, with_lr=direct) if logs else {}
             written = None
             if direct:
                 arrays = self._snapshot()
                 written = time.perf_counter()
                 self._record(step, arrays, self._analysis_grams(step))
             elif recorded:
-                # The next train call runs the probes on the weights of this step.
-                self._deferred = (step, self._epoch, self._analysis_grams(step))
+                # The next train call runs the probes on the weights of this
+                # step, and reads the learning rate: these logs wait for it.
+                self._deferred = (step, self._epoch, self._analysis_grams(step), scalars)
                 self._last_step = step
                 self._fused.wanted = True
+                scalars = None
+            if scalars:
+                self._writer.add_batch_logs(step, scalars)
             if self._meter is not None:
                 end = time.perf_counter()
                 self._meter.add(step, start, end, (end - written) if direct else None,
@@ -420,21 +435,26 @@ class LayerWatch(keras.callbacks.Callback):
         separate probe pass, the weights being those of its step still)."""
         if self._deferred is None:
             return
-        (step, epoch, grams), self._deferred = self._deferred, None
-        arrays = self._fused.take() if self._fused is not None else None
-        if arrays is None and now:
+        (step, epoch, grams, scalars), self._deferred = self._deferred, None
+        taken = self._fused.take() if self._fused is not None else None
+        if taken is None and now:
             if self._fused is not None:
                 self._fused.wanted = False
-            arrays = self._snapshot()
-        if arrays is None:
+            taken = self._snapshot(), self._learning_rate()
+        if taken is None:
             # No fused call ran: something replaced the model's train function.
             warnings.warn(
                 f"layerwatch: the snapshot of step {step} was lost (the model's train "
                 "function was replaced during fit); recording goes on with a separate "
                 "probe pass.", RuntimeWarning, stacklevel=3)
             self._release_fused()
-            return
-        self._record(step, arrays, grams, epoch=epoch)
+        else:
+            arrays, rate = taken
+            if rate is not None and scalars and "learning_rate" not in scalars:
+                scalars["learning_rate"] = rate
+            self._record(step, arrays, grams, epoch=epoch)
+        if scalars:
+            self._writer.add_batch_logs(step, scalars)
 
     def _release_fused(self) -> None:
         fused, self._fused = self._fused, None
@@ -486,13 +506,20 @@ class LayerWatch(keras.callbacks.Callback):
             except (TypeError, ValueError):
                 continue  # non-scalar logs are not curves
         if with_lr and "learning_rate" not in out:
-            lr = getattr(self.model.optimizer, "learning_rate", None)
-            if lr is not None:
-                try:
-                    out["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
-                except (TypeError, ValueError):
-                    pass
+            rate = self._learning_rate()
+            if rate is not None:
+                out["learning_rate"] = rate
         return out
+
+    def _learning_rate(self) -> float | None:
+        """The optimizer's current learning rate (a variable read)."""
+        lr = getattr(self.model.optimizer, "learning_rate", None)
+        if lr is None:
+            return None
+        try:
+            return float(keras.ops.convert_to_numpy(lr))
+        except (TypeError, ValueError):
+            return None
 
     def _specs(self, arrays: Sequence[np.ndarray]) -> list[LayerSpec]:
         specs = []

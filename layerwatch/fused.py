@@ -44,7 +44,8 @@ class FusedProbePass:
 
     While installed, set :attr:`wanted` and the next train call runs the fused
     function; :meth:`take` then returns its probe activations (NumPy arrays,
-    one per output of ``recorder``), or None if no fused call ran since. Built
+    one per output of ``recorder``) and the learning rate, or None if no fused
+    call ran since. Built
     once and reused by later fits, so it is traced once.
     """
 
@@ -62,7 +63,11 @@ class FusedProbePass:
             # starts from, and the update wait for them.
             outputs = recorder(constant, training=False)
             outputs = tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
-            return model.train_step(data), outputs
+            # The learning rate at the same step, read here rather than by a
+            # separate (and, per step, costly) variable read.
+            rate = getattr(model.optimizer, "learning_rate", None)
+            rate = tf.constant(float("nan")) if rate is None else tf.cast(rate, tf.float32)
+            return model.train_step(data), (outputs, rate)
 
         self._fused = model._make_function(step)
         self._outputs: tuple | None = None
@@ -83,11 +88,14 @@ class FusedProbePass:
         logs, self._outputs = self._fused(iterator)
         return logs
 
-    def take(self) -> list | None:
-        outputs, self._outputs = self._outputs, None
-        if outputs is None:
+    def take(self) -> tuple[list, float | None] | None:
+        """(probe activations, learning rate or None) of the last fused call."""
+        taken, self._outputs = self._outputs, None
+        if taken is None:
             return None
-        return [keras.ops.convert_to_numpy(o) for o in outputs]
+        outputs, rate = taken
+        rate = float(rate.numpy())
+        return [o.numpy() for o in outputs], (None if rate != rate else rate)
 
     def restore(self) -> None:
         """Give the model back its own train function."""

@@ -542,13 +542,20 @@ def _truncate_analysis(f: h5py.File, rows: int) -> None:
 def _lower_priority() -> None:
     """Let the writer thread use only CPU that training leaves idle.
 
-    Compression costs a few ms per snapshot; at normal priority it competes
-    with the training step's own threads. A nicer thread still keeps up (the
-    bounded queue makes the training loop wait if it ever falls behind), but
-    takes its time from idle cores first. Linux-only (per-thread nice values).
+    Compressing costs a millisecond or two per snapshot; at normal priority it
+    would compete with the training step's own threads. Under Linux's
+    SCHED_IDLE policy the thread runs only on a core nothing else wants (and
+    the bounded queue makes the training loop wait if it ever falls behind).
+    Elsewhere, or if that is refused, a nice value of 10. Per thread: Linux.
     """
+    tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, 10)
     except (AttributeError, OSError):
         pass
 
