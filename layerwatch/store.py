@@ -424,6 +424,12 @@ class RunWriter:
         reading it back. (Blocks are handed over at multiples of
         ``flush_snapshots`` rows, so that is rare: see :meth:`add_snapshot`.)
         """
+        if key not in self._encoders:
+            self._encoders[key] = _chunk_encoder(ds)
+        encode = self._encoders[key]
+        if encode is None:  # HDF5 applies the filters itself
+            ds[t0:t0 + len(block)] = block
+            return
         size = ds.chunks[0]
         c0 = t0 - t0 % size
         tail = self._tails.get(key)
@@ -431,24 +437,18 @@ class RunWriter:
             tail = ds[c0:t0]
         rows = np.concatenate([tail, block]) if len(tail) else block
         last = len(rows) - len(rows) % size  # where the last, partly filled chunk starts
-        if key not in self._encoders:
-            self._encoders[key] = _chunk_encoder(ds)
-        encode = self._encoders[key]
-        if encode is None:  # HDF5 applies the filters itself
-            ds[c0:c0 + len(rows)] = rows
-        else:
-            origin = (0,) * (rows.ndim - 1)
-            for j in range(0, len(rows), size):
-                chunk = rows[j:j + size]
-                if len(chunk) < size:  # rows past the dataset's end are never read
-                    chunk = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:],
-                                                            dtype=chunk.dtype)])
-                data = encode(chunk)
-                # h5py takes its global HDF5 lock around every call but this
-                # one (h5py 3.14): without it, two writers' threads would be
-                # inside HDF5 at once.
-                with _HDF5_LOCK:
-                    ds.id.write_direct_chunk((c0 + j,) + origin, data)
+        origin = (0,) * (rows.ndim - 1)
+        for j in range(0, len(rows), size):
+            chunk = rows[j:j + size]
+            if len(chunk) < size:  # rows past the dataset's end are never read
+                chunk = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:],
+                                                        dtype=chunk.dtype)])
+            data = encode(chunk)
+            # h5py takes its global HDF5 lock around every call but this one
+            # (h5py 3.14): without it, two writers' threads would be inside
+            # HDF5 at once.
+            with _HDF5_LOCK:
+                ds.id.write_direct_chunk((c0 + j,) + origin, data)
         self._tails[key] = rows[last:]
 
 
@@ -1104,15 +1104,19 @@ class Run:
         layer = self.layer(key)
         n = self.num_snapshots
         with self._reading():
-            # One open dataset for the whole pass: its chunk cache holds the
-            # chunk (several snapshots) that the next read needs.
             ds = self._f["activations"][layer.key]
+        return self._iter_rows(ds, n, indices, "snapshot", np.float32)
+
+    def _iter_rows(self, ds: h5py.Dataset, n: int, indices: Sequence[int] | None,
+                   what: str, dtype: Any) -> Iterator[np.ndarray]:
+        # One open dataset for the whole pass: its chunk cache holds the chunk
+        # (several rows) that the next read needs.
         for i in (range(n) if indices is None else indices):
             if not 0 <= int(i) < n:
-                raise IndexError(f"snapshot index {i} out of range 0..{n - 1}")
+                raise IndexError(f"{what} index {i} out of range 0..{n - 1}")
             with self._reading():
-                snapshot = ds[int(i)].astype(np.float32)
-            yield snapshot
+                row = ds[int(i)].astype(dtype)
+            yield row
 
     # -- analysis probes (optional) ----------------------------------------- #
 
@@ -1176,12 +1180,7 @@ class Run:
             raise KeyError(key)
         with self._reading():
             ds = group["gram"][layer.key]
-        for i in (range(rows) if indices is None else indices):
-            if not 0 <= int(i) < rows:
-                raise IndexError(f"analysis index {i} out of range 0..{rows - 1}")
-            with self._reading():
-                gram = ds[int(i)].astype(np.float64)
-            yield gram
+        return self._iter_rows(ds, rows, indices, "analysis", np.float64)
 
     def first_nonfinite(self, key: str) -> int | None:
         """Index of the first snapshot of a layer holding NaN or ±inf, if any.
