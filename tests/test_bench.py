@@ -48,7 +48,7 @@ def test_storage_quick(tmp_path):
         sys.path.remove(str(BENCH))
     rows = [line for line in out.splitlines()
             if re.match(r"^\S.*\s(float16|float32)\s+\d+\.\d{3}\s", line)]
-    assert len(rows) == len(storage.CHOICES), out
+    assert len(rows) == len(storage.CHOICES) + len(storage.HANDOVERS), out
 
 
 def test_memory_quick(tmp_path):
