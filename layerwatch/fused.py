@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import numpy as np
 
 
 def can_fuse(model: keras.Model) -> bool:
@@ -64,19 +63,12 @@ class FusedProbePass:
             # starts from, and the update wait for them.
             outputs = recorder(constant, training=False)
             outputs = tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
-            if len({o.dtype for o in outputs}) == 1 and \
-                    all(o.shape.is_fully_defined() for o in outputs):
-                # One tensor to copy to the host instead of one per layer;
-                # take() splits it into views again.
-                self._shapes = [tuple(o.shape) for o in outputs]
-                outputs = (tf.concat([tf.reshape(o, [-1]) for o in outputs], axis=0),)
             # The learning rate at the same step, read here rather than by a
             # separate (and, per step, costly) variable read.
             rate = getattr(model.optimizer, "learning_rate", None)
             rate = tf.constant(float("nan")) if rate is None else tf.cast(rate, tf.float32)
             return model.train_step(data), (outputs, rate)
 
-        self._shapes: list[tuple[int, ...]] | None = None  # set when traced, if concatenated
         self._fused = model._make_function(step)
         self._outputs: tuple | None = None
         self.wanted = False
@@ -103,14 +95,7 @@ class FusedProbePass:
             return None
         outputs, rate = taken
         rate = float(rate.numpy())
-        arrays = [o.numpy() for o in outputs]
-        if self._shapes is not None:
-            flat, arrays, start = arrays[0], [], 0
-            for shape in self._shapes:
-                size = int(np.prod(shape))
-                arrays.append(flat[start:start + size].reshape(shape))
-                start += size
-        return arrays, (None if rate != rate else rate)
+        return [o.numpy() for o in outputs], (None if rate != rate else rate)
 
     def restore(self) -> None:
         """Give the model back its own train function."""

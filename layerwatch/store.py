@@ -427,10 +427,12 @@ class RunWriter:
         """Write ``block`` at rows ``t0``... of ``ds``, chunk by chunk.
 
         Chunks are compressed here (see :func:`_chunk_encoder`) and written as
-        they are. A last, partly filled chunk is written padded, and its rows
-        kept in memory: the next block rewrites that chunk whole without
+        they are. A last, partly filled chunk is written with zero rows after
+        its own and room to grow (:func:`_reserve`), and its rows are kept in
+        memory: the next block rewrites that chunk whole, in place, without
         reading it back. (Blocks are handed over at multiples of
-        ``flush_snapshots`` rows, so that is rare: see :meth:`add_snapshot`.)
+        ``flush_snapshots`` rows, so that happens only on the ``flush_seconds``
+        timer and at the end: see :meth:`add_snapshot`.)
         """
         if block.shape[1:] != ds.shape[1:]:  # written below as raw chunks: check here
             raise ValueError(f"activations/{key}: a snapshot of shape {block.shape[1:]} does "
