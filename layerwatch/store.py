@@ -428,7 +428,7 @@ class RunWriter:
 
         Chunks are compressed here (see :func:`_chunk_encoder`) and written as
         they are. A last, partly filled chunk is written with zero rows after
-        its own and room to grow (:func:`_reserve`), and its rows are kept in
+        its own and room to grow (:func:`_room`), and its rows are kept in
         memory: the next block rewrites that chunk whole, in place, without
         reading it back. (Blocks are handed over at multiples of
         ``flush_snapshots`` rows, so that happens only on the ``flush_seconds``
@@ -470,18 +470,20 @@ class RunWriter:
                 if filled == size:
                     self._full[key] = max(self._full.get(key, 0), len(data))
                 if len(data) <= stored:
-                    data += bytes(stored - len(data))
+                    room = stored
                 elif filled < size and not self._closing:
-                    data = _reserve(data, self._full.get(key), chunk.nbytes)
-                ds.id.write_direct_chunk(offset, data)
+                    room = _room(len(data), self._full.get(key), chunk.nbytes)
+                else:
+                    room = 0
+                ds.id.write_direct_chunk(offset, data + bytes(max(0, room - len(data))))
         self._tails[key] = rows[last:]
 
 
-def _reserve(data: bytes, full: int | None, raw: int) -> bytes:
-    """A partly filled chunk's ``data``, padded to leave room for the chunk to
-    fill: 10 % over ``full``, the largest full chunk of its layer so far, or
-    before there is one, twice its size now (``raw``, the chunk's uncompressed
-    size, bounds deflate's output).
+def _room(length: int, full: int | None, raw: int) -> int:
+    """Bytes to reserve for a partly filled chunk now ``length`` bytes long, so
+    it can fill: 10 % over ``full``, the largest full chunk of its layer so
+    far, or before there is one, twice its size now (``raw``, the chunk's
+    uncompressed size, bounds deflate's output).
 
     In SWMR mode HDF5 never frees a rewritten chunk's old space (a reader may
     still point at it): a chunk rewritten at another size leaves a hole in the
@@ -492,8 +494,7 @@ def _reserve(data: bytes, full: int | None, raw: int) -> bytes:
     less than its own size. The padding follows the end of the zlib stream,
     where inflating stops: HDF5's deflate filter ignores it.
     """
-    room = min(int(full * 1.1) if full else 2 * len(data), raw + raw // 1000 + 64)
-    return data + bytes(max(0, room - len(data)))
+    return min(int(full * 1.1) if full else 2 * length, raw + raw // 1000 + 64)
 
 
 def _time_chunk(shape: Sequence[int], dtype: Any) -> int:

@@ -356,6 +356,14 @@ def test_chunks_written_partly_filled_leave_no_holes_in_the_file(tmp_path):
     assert sizes[3] < 1.3 * sizes[32], sizes
 
 
+def test_a_snapshot_of_the_wrong_shape_is_refused_not_written(tmp_path):
+    writer = _writer(tmp_path / "run.h5", [(7, 7, 16)])
+    writer.add_snapshot(0, 0, [np.zeros((3, 7, 7, 16), "f4")])  # 3 probes, the file has 2
+    with pytest.raises(ValueError, match=r"activations/l0: a snapshot of shape \(3, 7, 7, 16\) "
+                                         r"does not fit the recording's \(2, 7, 7, 16\)"):
+        writer.close()
+
+
 def test_two_writers_in_one_process_do_not_corrupt_each_other(tmp_path):
     rng = np.random.default_rng(1)
     shapes = [(16, 16, 8)] * 4
