@@ -85,8 +85,13 @@ def median_spread(values: list[float]) -> tuple[float, float, float]:
 
 
 def fmt_ratio(values: list[float]) -> str:
+    """Median, then the quartiles (from 4 values on), min, max and count."""
     med, lo, hi = median_spread(values)
-    return f"{med:.3f}  (min {lo:.3f}, max {hi:.3f}, n={len(values)})"
+    quartiles = ""
+    if len(values) >= 4:
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        quartiles = f"quartiles {q1:.3f}-{q3:.3f}, "
+    return f"{med:.3f}  ({quartiles}min {lo:.3f}, max {hi:.3f}, n={len(values)})"
 
 
 class Stopwatch:

@@ -1,7 +1,7 @@
 """What recording costs during training: epoch time with LayerWatch ÷ without.
 
-    python bench/overhead.py                       # batch 64 and 1024, 5 repeats
-    python bench/overhead.py --repeats 9           # tighter medians
+    python bench/overhead.py                       # batch 64 and 1024, 15 repeats
+    python bench/overhead.py --repeats 25          # tighter medians
     python bench/overhead.py --quick               # tiny sizes, a smoke run (seconds)
     KERAS_BACKEND=jax python bench/overhead.py     # any Keras 3 backend
 
@@ -16,14 +16,22 @@ three callback lists, taking turns on one model (per batch size):
 
 Each condition first trains one epoch that is not timed (tracing and compiling).
 Then the runs alternate (none, layerwatch, naive, then the next repeat rotated);
-a run is one ``fit`` of enough epochs for at least 128 steps, timed from its
-first ``on_epoch_begin`` to its last ``on_epoch_end`` and divided by the epochs.
-The LayerWatch run also waits at its end until the writer thread has written
-everything queued, so compression and disk time are inside the figure (a small
-over-count: in a real run that tail overlaps later steps). Ratios are taken
-within a repeat (same machine load) and the median over repeats is reported;
-``cpu-ratio`` lines compare the process's CPU time (all threads, the writer's
-included) over the same spans, which other jobs on the machine disturb less.
+a run is one short ``fit``, and every epoch is timed on its own, from the first
+callback's ``on_epoch_begin`` to the last one's ``on_epoch_end`` (LayerWatch's
+own epoch hooks are inside). A run's figure is its steady state: the mean of
+its epochs after the first, so at least 64 steps (by default) during which the
+writer thread compresses the blocks handed over before, as it does all through
+a long run. A repeat's ratio compares runs of the same repeat (same machine
+load), and the median over repeats is reported, with quartiles. Runs are short
+and repeats many because this shared VM has slow spells seconds long (the
+same step at batch 64 measured 4 ms and 7.7 ms minutes apart): alternating
+faster than they come and go is what keeps them out of the ratios. The
+``whole-run`` lines give a stricter reading: a run's wall time, first epoch
+begin to last epoch end, with LayerWatch's run waiting at its end until the
+writer thread has written everything queued (an over-count: in a real run
+that tail overlaps later steps), divided by its epochs. ``cpu-ratio`` lines
+compare the process's CPU time (all threads, the writer's included) over the
+same whole runs.
 
 The script also counts how often the probe function's Python body runs (once
 per trace on compiling backends: it must be 1 however many steps are recorded).
@@ -43,24 +51,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL before Keras loads)
 
 TARGETS = {64: 1.10, 1024: 1.03}
-MIN_STEPS = 128  # per timed run: shorter runs are mostly noise
+MIN_STEPS = 64   # per run, in the epochs after its first (its steady state)
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 1024])
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per condition (default 5)")
+    p.add_argument("--repeats", type=int, default=15,
+                   help="timed runs per condition (default 15)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="timed epochs per run (default: enough for >= 128 steps)")
+                   help="epochs per run (default: 1, then enough for >= 64 steps)")
     p.add_argument("--train-size", type=int, default=None,
                    help="training examples (default: all 4,000 bundled)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes for a smoke run: 128 examples, batch 32, 1 repeat")
     p.add_argument("--no-naive", action="store_true", help="skip the naive recorder")
     p.add_argument("--variants", action="store_true",
-                   help="also time LayerWatch(compression=None), LayerWatch(every=4) and, on "
-                        "TensorFlow, LayerWatch with a separate probe pass instead of the "
-                        "fused one")
+                   help="also time LayerWatch(compression=None), LayerWatch(every=4), on "
+                        "TensorFlow LayerWatch with a separate probe pass instead of the "
+                        "fused one, and LayerWatch with its snapshots dropped before the "
+                        "writer (the probe pass and the callback alone)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.repeats, args.train_size = [32], 1, 128
@@ -70,35 +80,54 @@ def _parse(argv):
     return args
 
 
-def _epoch_timer(drain=None):
-    """A callback timing a run's epochs, first begin to last end.
+def _epoch_timers(drain=None):
+    """Two callbacks, for the front and the back of a callback list, timing a
+    run's epochs: each epoch on its own and the whole run (first epoch begin to
+    last epoch end). Returns (first, last); ``last`` holds the figures.
 
     ``drain`` runs inside the timed span at the end of the run's last epoch.
     """
     import keras
 
-    class EpochTimer(keras.callbacks.Callback):
+    class EpochStart(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            end.begin(epoch)
+
+    class EpochEnd(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
+            self.epoch_seconds: list[float] = []
             self.seconds_per_epoch = self.cpu_per_epoch = float("nan")
 
         def on_train_begin(self, logs=None):
             self._t0 = None
+            self.epoch_seconds = []
 
-        def on_epoch_begin(self, epoch, logs=None):
+        def begin(self, epoch):
+            self._e0 = time.perf_counter()
             if self._t0 is None:
-                self._t0, self._first = time.perf_counter(), epoch
+                self._t0, self._first = self._e0, epoch
                 self._c0 = time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
-            if epoch == self.params["epochs"] - 1:
-                if drain is not None:
-                    drain()
+            last = epoch == self.params["epochs"] - 1
+            if last and drain is not None:
+                drain()
+            now = time.perf_counter()
+            self.epoch_seconds.append(now - self._e0)
+            if last:
                 epochs = epoch - self._first + 1
-                self.seconds_per_epoch = (time.perf_counter() - self._t0) / epochs
+                self.seconds_per_epoch = (now - self._t0) / epochs
                 self.cpu_per_epoch = (time.process_time() - self._c0) / epochs
 
-    return EpochTimer()
+        @property
+        def steady_epoch(self) -> float:
+            """Mean epoch after the run's first (the first when there is only one)."""
+            timed = self.epoch_seconds[1:] or self.epoch_seconds
+            return sum(timed) / len(timed)
+
+    end = EpochEnd()
+    return EpochStart(), end
 
 
 def _naive_recorder(probes):
@@ -168,6 +197,21 @@ def _separate_pass(path, probes, labels):
     return SeparatePassLayerWatch(path, probes, labels, every=1, budget=None)
 
 
+def _unwritten(path, probes, labels):
+    """LayerWatch whose snapshots are computed and handed over but dropped before
+    the writer (batch logs still written): the probe pass and the callback alone."""
+    from layerwatch import LayerWatch
+
+    class UnwrittenLayerWatch(LayerWatch):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            writer = self._writer
+            if writer is not None:
+                writer.add_snapshot = lambda *args, **kwargs: None
+
+    return UnwrittenLayerWatch(path, probes, labels, every=1, budget=None)
+
+
 def run(args) -> int:
     import keras
 
@@ -189,8 +233,8 @@ def run(args) -> int:
         conditions = {}  # name -> {"callbacks": [...], "timer": EpochTimer}
 
         def add(name, callbacks, drain=None):
-            timer = _epoch_timer(drain)
-            conditions[name] = {"callbacks": callbacks + [timer], "timer": timer}
+            first, timer = _epoch_timers(drain)
+            conditions[name] = {"callbacks": [first] + callbacks + [timer], "timer": timer}
 
         add("none", [])
         watch = LayerWatch(os.path.join(tmp, f"b{batch}.h5"), probes, labels, every=1)
@@ -206,6 +250,9 @@ def run(args) -> int:
                                           labels)
                 add("lw-separate", [separate],
                     drain=lambda w=separate: w._writer and w._writer.flush(wait=True))
+            unwritten = _unwritten(os.path.join(tmp, f"b{batch}-unwritten.h5"), probes, labels)
+            add("lw-unwritten", [unwritten],
+                drain=lambda w=unwritten: w._writer and w._writer.flush(wait=True))
         if not args.no_naive:
             add("naive", [_naive_recorder(probes)])
 
@@ -214,8 +261,9 @@ def run(args) -> int:
             c = conditions[name]
             model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=c["callbacks"])
         traces_after_warmup = counter.calls
-        epochs = args.epochs or -(-MIN_STEPS // -(-len(x) // batch))
-        epoch_times = {name: [] for name in names}
+        epochs = args.epochs or 1 + -(-MIN_STEPS // -(-len(x) // batch))
+        epoch_times = {name: [] for name in names}   # per run: steady-state epoch
+        run_times = {name: [] for name in names}     # per run: whole run / epochs
         cpu_times = {name: [] for name in names}
         for r in range(args.repeats):
             order = names[r % len(names):] + names[:r % len(names)]
@@ -223,13 +271,14 @@ def run(args) -> int:
                 c = conditions[name]
                 model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0,
                           callbacks=c["callbacks"])
-                epoch_times[name].append(c["timer"].seconds_per_epoch)
+                epoch_times[name].append(c["timer"].steady_epoch)
+                run_times[name].append(c["timer"].seconds_per_epoch)
                 cpu_times[name].append(c["timer"].cpu_per_epoch)
         steps = -(-len(x) // batch)
         print(f"\n## batch {batch} ({steps} steps per epoch, {epochs} epoch(s) per timed run)")
         for name in names:
             med, lo, hi = _common.median_spread(epoch_times[name])
-            print(f"epoch seconds {name:11s} median {med:7.3f}  (min {lo:.3f}, max {hi:.3f})"
+            print(f"epoch seconds {name:11s} median {med:7.3f}  (runs' min {lo:.3f}, max {hi:.3f})"
                   f"   per step {1e3 * med / steps:7.2f} ms")
         for name in names[1:]:
             ratios = [t / b for t, b in zip(epoch_times[name], epoch_times["none"])]
@@ -239,6 +288,10 @@ def run(args) -> int:
                 ok = statistics.median(ratios) <= target
                 verdict = f"   target <= {target:.2f}: {'met' if ok else 'MISSED'}"
             print(f"ratio batch={batch} {name}/none = {_common.fmt_ratio(ratios)}{verdict}")
+        for name in names[1:]:
+            ratios = [t / b for t, b in zip(run_times[name], run_times["none"])]
+            print(f"whole-run ratio batch={batch} {name}/none = {_common.fmt_ratio(ratios)}"
+                  "   (run time incl. the writer's last block / epochs)")
         for name in names[1:]:
             ratios = [t / b for t, b in zip(cpu_times[name], cpu_times["none"])]
             print(f"cpu-ratio batch={batch} {name}/none = {_common.fmt_ratio(ratios)}"

@@ -12,6 +12,7 @@ import contextlib
 import os
 import queue
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -524,13 +525,33 @@ def _chunk_encoder(ds: h5py.Dataset):
 
     def encode(rows: np.ndarray) -> bytes:
         rows = np.ascontiguousarray(rows)
-        if shuffle and rows.itemsize > 1:  # HDF5's shuffle: all first bytes, then all second…
-            data = rows.view(np.uint8).reshape(-1, rows.itemsize).T.tobytes()
-        else:
-            data = rows.tobytes()
-        return _deflate(data, level)
+        return _deflate(_shuffle(rows) if shuffle else rows, level)
 
     return encode
+
+
+def _shuffle(rows: np.ndarray) -> np.ndarray:
+    """HDF5's shuffle filter: all elements' first bytes (in memory order), then all
+    second bytes, and so on, as one contiguous uint8 array.
+
+    For 2- and 4-byte little-endian elements, byte k of every element is taken
+    as ``(word >> 8k)`` truncated to uint8: contiguous vector operations, about
+    five times faster than a strided byte transpose (``bench/storage.py``).
+    """
+    size = rows.itemsize
+    byteorder = rows.dtype.byteorder
+    if size not in (2, 4) or not (byteorder == "<" or (byteorder == "=" and _LITTLE)):
+        return np.ascontiguousarray(rows.view(np.uint8).reshape(-1, size).T).reshape(-1)
+    words = rows.reshape(-1).view(np.uint16 if size == 2 else np.uint32)
+    n = words.size
+    out = np.empty(size * n, dtype=np.uint8)
+    np.copyto(out[:n], words, casting="unsafe")  # byte 0: the low byte
+    for k in range(1, size):
+        np.copyto(out[k * n:(k + 1) * n], words >> (8 * k), casting="unsafe")
+    return out
+
+
+_LITTLE = sys.byteorder == "little"
 
 
 try:
@@ -539,8 +560,9 @@ except ImportError:  # pragma: no cover - isal has wheels for the usual platform
     _isal = None
 
 
-def _deflate(data: bytes, level: int) -> bytes:
-    """A zlib-format deflate stream of ``data`` (what HDF5's deflate filter reads).
+def _deflate(data: Any, level: int) -> bytes:
+    """A zlib-format deflate stream of ``data``, any contiguous buffer (what HDF5's
+    deflate filter reads).
 
     Both libraries release the GIL while compressing, so the training loop's
     Python keeps running beside the writer thread.

@@ -328,6 +328,36 @@ def test_time_chunks_round_trip_through_early_flushes_and_append(tmp_path):
         np.testing.assert_array_equal(got[37], made[37][0].astype(np.float16).astype(np.float32))
 
 
+@pytest.mark.parametrize("dtype", ["<f2", ">f2", "<f4", ">f4", "<f8"])
+def test_shuffle_matches_hdf5s_byte_order(dtype):
+    """The writer's byte shuffle is HDF5's: all first bytes in memory order, then
+    all second bytes, ..., for every element size and byte order."""
+    from layerwatch.store import _shuffle
+
+    rows = np.random.default_rng(1).normal(size=(3, 5, 7)).astype(dtype)
+    want = rows.view(np.uint8).reshape(-1, rows.itemsize).T.reshape(-1)
+    got = _shuffle(rows)
+    assert got.dtype == np.uint8 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("storage_dtype", ["float16", "float32"])
+def test_chunks_compressed_by_the_writer_read_back_through_hdf5s_filters(tmp_path,
+                                                                          storage_dtype):
+    """Chunks shuffled and deflated by layerwatch decode through HDF5's own filters."""
+    rng = np.random.default_rng(2)
+    path = tmp_path / "run.h5"
+    writer = _writer(path, [(6, 6, 3)], storage_dtype=storage_dtype)
+    made = [np.tanh(rng.normal(size=(2, 6, 6, 3))).astype(storage_dtype) for _ in range(40)]
+    for step, array in enumerate(made):
+        writer.add_snapshot(step, 0, [array])
+    writer.close()
+    with h5py.File(path, "r") as f:
+        ds = f["activations/l0"]
+        assert ds.compression == "gzip" and ds.shuffle and ds.dtype == np.dtype(storage_dtype)
+        np.testing.assert_array_equal(ds[:], np.stack(made))
+
+
 def test_chunks_written_partly_filled_leave_no_holes_in_the_file(tmp_path):
     """A slow run hands snapshots over a few at a time, so chunks are written
     partly filled and rewritten as they fill. In SWMR mode HDF5 never reuses a
