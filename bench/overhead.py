@@ -21,7 +21,9 @@ callback's ``on_epoch_begin`` to the last one's ``on_epoch_end`` (LayerWatch's
 own epoch hooks are inside). A run's figure is its steady state: the mean of
 its epochs after the first, so at least 64 steps (by default) during which the
 writer thread compresses the blocks handed over before, as it does all through
-a long run. A repeat's ratio compares runs of the same repeat (same machine
+a long run (the block still being written when the run ends is left out, as
+blocks handed over in the untimed first epoch are counted while they are
+written). A repeat's ratio compares runs of the same repeat (same machine
 load), and the median over repeats is reported, with quartiles. Runs are short
 and repeats many because this shared VM has slow spells seconds long (the
 same step at batch 64 measured 4 ms and 7.7 ms minutes apart): alternating
@@ -31,7 +33,7 @@ begin to last epoch end, with LayerWatch's run waiting at its end until the
 writer thread has written everything queued (an over-count: in a real run
 that tail overlaps later steps), divided by its epochs. ``cpu-ratio`` lines
 compare the process's CPU time (all threads, the writer's included) over the
-same whole runs.
+same epochs as the ratio lines.
 
 The script also counts how often the probe function's Python body runs (once
 per trace on compiling backends: it must be 1 however many steps are recorded).
@@ -85,7 +87,8 @@ def _epoch_timers(drain=None):
     run's epochs: each epoch on its own and the whole run (first epoch begin to
     last epoch end). Returns (first, last); ``last`` holds the figures.
 
-    ``drain`` runs inside the timed span at the end of the run's last epoch.
+    ``drain`` runs at the end of the run's last epoch: inside the whole-run
+    span, after that epoch's own time.
     """
     import keras
 
@@ -97,37 +100,48 @@ def _epoch_timers(drain=None):
         def __init__(self):
             super().__init__()
             self.epoch_seconds: list[float] = []
-            self.seconds_per_epoch = self.cpu_per_epoch = float("nan")
+            self.epoch_cpu: list[float] = []
+            self.seconds_per_epoch = float("nan")
 
         def on_train_begin(self, logs=None):
             self._t0 = None
-            self.epoch_seconds = []
+            self.epoch_seconds, self.epoch_cpu = [], []
 
         def begin(self, epoch):
-            self._e0 = time.perf_counter()
+            self._e0, self._ec0 = time.perf_counter(), time.process_time()
             if self._t0 is None:
                 self._t0, self._first = self._e0, epoch
-                self._c0 = time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
+            # The epoch's own time ends here: the writer's work for blocks
+            # handed over before is inside it, as all through a long run.
+            self.epoch_seconds.append(time.perf_counter() - self._e0)
+            self.epoch_cpu.append(time.process_time() - self._ec0)
             last = epoch == self.params["epochs"] - 1
             if last and drain is not None:
-                drain()
+                drain()  # the last block's writing counts in the whole-run figure only
             now = time.perf_counter()
-            self.epoch_seconds.append(now - self._e0)
             if last:
                 epochs = epoch - self._first + 1
                 self.seconds_per_epoch = (now - self._t0) / epochs
-                self.cpu_per_epoch = (time.process_time() - self._c0) / epochs
 
         @property
         def steady_epoch(self) -> float:
             """Mean epoch after the run's first (the first when there is only one)."""
-            timed = self.epoch_seconds[1:] or self.epoch_seconds
-            return sum(timed) / len(timed)
+            return _steady(self.epoch_seconds)
+
+        @property
+        def steady_cpu(self) -> float:
+            """The same for the process's CPU time."""
+            return _steady(self.epoch_cpu)
 
     end = EpochEnd()
     return EpochStart(), end
+
+
+def _steady(values: list[float]) -> float:
+    timed = values[1:] or values
+    return sum(timed) / len(timed)
 
 
 def _naive_recorder(probes):
@@ -273,7 +287,7 @@ def run(args) -> int:
                           callbacks=c["callbacks"])
                 epoch_times[name].append(c["timer"].steady_epoch)
                 run_times[name].append(c["timer"].seconds_per_epoch)
-                cpu_times[name].append(c["timer"].cpu_per_epoch)
+                cpu_times[name].append(c["timer"].steady_cpu)
         steps = -(-len(x) // batch)
         print(f"\n## batch {batch} ({steps} steps per epoch, {epochs} epoch(s) per timed run)")
         for name in names:
@@ -295,7 +309,7 @@ def run(args) -> int:
         for name in names[1:]:
             ratios = [t / b for t, b in zip(cpu_times[name], cpu_times["none"])]
             print(f"cpu-ratio batch={batch} {name}/none = {_common.fmt_ratio(ratios)}"
-                  "   (process CPU time, all threads: steadier on a shared machine)")
+                  "   (process CPU time, all threads, same epochs: steadier on a shared machine)")
         print(f"probe function traces: {traces_after_warmup} during warm-up, "
               f"{counter.calls - traces_after_warmup} during the {args.repeats} timed run(s), "
               f"for {counter.functions} probe function(s) built "
