@@ -117,13 +117,11 @@ def _epoch_timers(drain=None):
             # handed over before is inside it, as all through a long run.
             self.epoch_seconds.append(time.perf_counter() - self._e0)
             self.epoch_cpu.append(time.process_time() - self._ec0)
-            last = epoch == self.params["epochs"] - 1
-            if last and drain is not None:
-                drain()  # the last block's writing counts in the whole-run figure only
-            now = time.perf_counter()
-            if last:
+            if epoch == self.params["epochs"] - 1:
+                if drain is not None:
+                    drain()  # the last block's writing counts in the whole-run figure only
                 epochs = epoch - self._first + 1
-                self.seconds_per_epoch = (now - self._t0) / epochs
+                self.seconds_per_epoch = (time.perf_counter() - self._t0) / epochs
 
         @property
         def steady_epoch(self) -> float:
@@ -244,29 +242,30 @@ def run(args) -> int:
         # One model per batch size, shared by all conditions: one compiled
         # train step, and every condition pays for the same arithmetic.
         model = recipe.build_model(seed=0)
-        conditions = {}  # name -> {"callbacks": [...], "timer": EpochTimer}
+        conditions = {}  # name -> {"callbacks": [...], "timer": EpochEnd}
 
-        def add(name, callbacks, drain=None):
+        def add(name, callbacks):
+            # A LayerWatch run waits at its end until its writer has written everything.
+            watches = [cb for cb in callbacks if isinstance(cb, LayerWatch)]
+            drain = (lambda: [w._writer.flush(wait=True) for w in watches if w._writer]) \
+                if watches else None
             first, timer = _epoch_timers(drain)
             conditions[name] = {"callbacks": [first] + callbacks + [timer], "timer": timer}
 
         add("none", [])
         watch = LayerWatch(os.path.join(tmp, f"b{batch}.h5"), probes, labels, every=1)
-        add("layerwatch", [watch], drain=lambda w=watch: w._writer and w._writer.flush(wait=True))
+        add("layerwatch", [watch])
         if args.variants:
             for label, kwargs in (("lw-nozip", {"compression": None}), ("lw-every4", {"every": 4})):
                 variant = LayerWatch(os.path.join(tmp, f"b{batch}-{label}.h5"), probes, labels,
                                      **{"every": 1, "budget": None, **kwargs})
-                add(label, [variant],
-                    drain=lambda w=variant: w._writer and w._writer.flush(wait=True))
+                add(label, [variant])
             if keras.backend.backend() == "tensorflow":
                 separate = _separate_pass(os.path.join(tmp, f"b{batch}-separate.h5"), probes,
                                           labels)
-                add("lw-separate", [separate],
-                    drain=lambda w=separate: w._writer and w._writer.flush(wait=True))
+                add("lw-separate", [separate])
             unwritten = _unwritten(os.path.join(tmp, f"b{batch}-unwritten.h5"), probes, labels)
-            add("lw-unwritten", [unwritten],
-                drain=lambda w=unwritten: w._writer and w._writer.flush(wait=True))
+            add("lw-unwritten", [unwritten])
         if not args.no_naive:
             add("naive", [_naive_recorder(probes)])
 
@@ -294,8 +293,11 @@ def run(args) -> int:
             med, lo, hi = _common.median_spread(epoch_times[name])
             print(f"epoch seconds {name:11s} median {med:7.3f}  (runs' min {lo:.3f}, max {hi:.3f})"
                   f"   per step {1e3 * med / steps:7.2f} ms")
+        def paired(times, name):  # a run ÷ the baseline run of the same repeat
+            return [t / b for t, b in zip(times[name], times["none"])]
+
         for name in names[1:]:
-            ratios = [t / b for t, b in zip(epoch_times[name], epoch_times["none"])]
+            ratios = paired(epoch_times, name)
             target = TARGETS.get(batch) if name == "layerwatch" else None
             verdict = ""
             if target is not None:
@@ -303,12 +305,12 @@ def run(args) -> int:
                 verdict = f"   target <= {target:.2f}: {'met' if ok else 'MISSED'}"
             print(f"ratio batch={batch} {name}/none = {_common.fmt_ratio(ratios)}{verdict}")
         for name in names[1:]:
-            ratios = [t / b for t, b in zip(run_times[name], run_times["none"])]
-            print(f"whole-run ratio batch={batch} {name}/none = {_common.fmt_ratio(ratios)}"
+            print(f"whole-run ratio batch={batch} {name}/none = "
+                  f"{_common.fmt_ratio(paired(run_times, name))}"
                   "   (run time incl. the writer's last block / epochs)")
         for name in names[1:]:
-            ratios = [t / b for t, b in zip(cpu_times[name], cpu_times["none"])]
-            print(f"cpu-ratio batch={batch} {name}/none = {_common.fmt_ratio(ratios)}"
+            print(f"cpu-ratio batch={batch} {name}/none = "
+                  f"{_common.fmt_ratio(paired(cpu_times, name))}"
                   "   (process CPU time, all threads, same epochs: steadier on a shared machine)")
         print(f"probe function traces: {traces_after_warmup} during warm-up, "
               f"{counter.calls - traces_after_warmup} during the {args.repeats} timed run(s), "

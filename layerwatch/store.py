@@ -540,7 +540,7 @@ def _shuffle(rows: np.ndarray) -> np.ndarray:
     vector operations, about five times faster than a strided byte transpose.
     """
     size = rows.itemsize
-    if size not in (2, 4) or not _LITTLE:
+    if size not in (2, 4) or sys.byteorder != "little":
         return np.ascontiguousarray(rows.view(np.uint8).reshape(-1, size).T).reshape(-1)
     words = rows.reshape(-1).view(np.uint16 if size == 2 else np.uint32)
     n = words.size
@@ -549,9 +549,6 @@ def _shuffle(rows: np.ndarray) -> np.ndarray:
     for k in range(1, size):
         np.copyto(out[k * n:(k + 1) * n], words >> (8 * k), casting="unsafe")
     return out
-
-
-_LITTLE = sys.byteorder == "little"
 
 
 try:
