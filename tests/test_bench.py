@@ -38,6 +38,14 @@ def test_overhead_quick(tmp_path):
         assert traces.groups() == (warmup, "0"), out
 
 
+def test_train_step_quick(tmp_path):
+    out = _run_quick("train_step.py", tmp_path)
+    for condition in ("fused", "fused+writer"):
+        _assert_ratio(out, rf"train-call {re.escape(condition)}/plain")
+        assert re.search(rf"^cpu-ratio train-call {re.escape(condition)}/plain = \d+\.\d+", out,
+                         re.MULTILINE), out
+
+
 def test_storage_quick(tmp_path):
     out = _run_quick("storage.py", tmp_path)
     _assert_ratio(out, "storage on-disk/raw-float32")
