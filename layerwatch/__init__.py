@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.2.2"
+__version__ = "0.2.3"
 
 __all__ = ["LayerWatch", "one_per_class", "open_run", "read_run", "render", "drift", "show",
            "RecordingError", "__version__"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import secrets
 import socket
+import stat
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -136,12 +137,10 @@ class RunWriter:
         ``analysis`` group: per layer, the n×n Gram matrix of those inputs'
         activations at the snapshots that carry one (see :meth:`add_snapshot`).
         """
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         # Write into a temporary name, then move into place: a failure while
         # laying out the file never leaves a half-made recording at ``path``.
-        fd, tmp = tempfile.mkstemp(suffix=".h5.tmp", dir=directory)
-        os.close(fd)
+        tmp = _temporary_beside(path)
         try:
             f = h5py.File(tmp, "w", libver="latest")
             f.attrs["format"] = _fixed(FORMAT_NAME)
@@ -756,9 +755,7 @@ def repair_run(path: str | os.PathLike) -> bool:
         src = run._f
         n = run.num_snapshots
         rows = {group: run._metric_rows(group) for group in ("batch", "epoch")}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(suffix=".h5.tmp", dir=directory)
-        os.close(fd)
+        tmp = _temporary_beside(path, like=path)
         try:
             with run._reading(), h5py.File(tmp, "w", libver="latest") as dst:
                 for key in src.attrs:
@@ -773,6 +770,30 @@ def repair_run(path: str | os.PathLike) -> bool:
             raise
     os.replace(tmp, path)
     return True
+
+
+def _temporary_beside(path: str, *, like: str | None = None) -> str:
+    """A new empty file in ``path``'s directory, named to be moved onto ``path``.
+
+    It has the permissions of ``like`` (the file it will replace) or else a new
+    file's usual ones, 0666 less the umask, as ``open()`` would give: not
+    ``mkstemp``'s 0600, which would keep a recording from the rest of its group.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        if like is not None:
+            try:
+                os.chmod(tmp, stat.S_IMODE(os.stat(like).st_mode))
+            except OSError:
+                os.unlink(tmp)
+                raise
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def _truncate_to(f: h5py.File, n: int, rows: dict[str, int]) -> None:

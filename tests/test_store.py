@@ -8,6 +8,10 @@ non-zero and writes nothing.
 from __future__ import annotations
 
 import os
+import socket
+import stat
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -16,8 +20,8 @@ from click.testing import CliRunner
 
 from _recordings import make_run
 from layerwatch.cli import main
-from layerwatch.store import (STATUS_COMPLETE, RecordingError, open_run, read_run,
-                              repair_run)
+from layerwatch.store import (STATUS_COMPLETE, STATUS_RECORDING, STATUS_STOPPED,
+                              RecordingError, open_run, read_run, repair_run)
 
 
 def _edit(path, change):
@@ -282,6 +286,34 @@ def test_repair_refuses_a_file_still_being_written(tmp_path):
         writer.close()
     with open_run(path) as run:
         assert run.status == STATUS_COMPLETE and run.writer_state == "closed"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_a_new_recording_gets_a_new_files_usual_permissions(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        make_run(tmp_path / "run.h5")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "run.h5").st_mode) == mode
+    assert os.listdir(tmp_path) == ["run.h5"]  # no temporary file left beside it
+
+
+def test_repair_keeps_the_files_permissions(tmp_path):
+    path = tmp_path / "run.h5"
+    make_run(path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    with h5py.File(path, "r+") as f:  # as a killed writer leaves it
+        f["status"][0] = STATUS_RECORDING
+        f.attrs["writer_pid"] = int(gone.stdout)
+        f.attrs["writer_host"] = socket.gethostname()
+    os.chmod(path, 0o640)
+    assert repair_run(path) is True
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    with open_run(path) as run:
+        assert run.status == STATUS_STOPPED and run.num_snapshots == 6
+    assert os.listdir(tmp_path) == ["run.h5"]
 
 
 def _writer(path, shapes, **kwargs):
