@@ -293,6 +293,7 @@ def run(args) -> int:
             med, lo, hi = _common.median_spread(epoch_times[name])
             print(f"epoch seconds {name:11s} median {med:7.3f}  (runs' min {lo:.3f}, max {hi:.3f})"
                   f"   per step {1e3 * med / steps:7.2f} ms")
+
         def paired(times, name):  # a run ÷ the baseline run of the same repeat
             return [t / b for t, b in zip(times[name], times["none"])]
 

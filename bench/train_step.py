@@ -40,8 +40,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
 
-CONDITIONS = ("plain", "fused", "fused+writer")
-
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -129,10 +127,11 @@ def run(args) -> int:
         for _ in range(max(args.calls, 10)):
             call()
     writer.flush(wait=True)
-    wall = {name: [] for name in CONDITIONS}
-    cpu = {name: [] for name in CONDITIONS}
+    names = list(calls)  # the first is the baseline
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
     for r in range(args.rounds):
-        for name in CONDITIONS[r % 3:] + CONDITIONS[:r % 3]:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             call = calls[name]
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.calls):
@@ -145,13 +144,13 @@ def run(args) -> int:
     fusion.restore()
 
     print()
-    for name in CONDITIONS:
+    for name in names:
         print(f"per call {name:12s} median {1e3 * statistics.median(wall[name]):7.3f} ms wall, "
               f"{1e3 * statistics.median(cpu[name]):7.3f} ms CPU")
-    for name in CONDITIONS[1:]:
+    for name in names[1:]:
         ratios = [a / b for a, b in zip(wall[name], wall["plain"])]
         print(f"ratio train-call {name}/plain = {_common.fmt_ratio(ratios)}")
-    for name in CONDITIONS[1:]:
+    for name in names[1:]:
         ratios = [a / b for a, b in zip(cpu[name], cpu["plain"])]
         print(f"cpu-ratio train-call {name}/plain = {_common.fmt_ratio(ratios)}")
     return 0
