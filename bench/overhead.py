@@ -10,7 +10,7 @@ three callback lists, taking turns on one model (per batch size):
 
   none        no recording (the baseline)
   layerwatch  LayerWatch(every=1) at default settings (on TensorFlow the probe pass
-              runs inside the compiled train step: layerwatch/fused.py)
+              runs inside the compiled train step: layerwatch/record/fused.py)
   naive       a naive recorder: keras.Model(inputs, conv outputs).predict(probes)
               after every step, the arrays kept in a list
 
@@ -173,9 +173,9 @@ class _TraceCounter:
         self.functions = 0
 
     def install(self):
-        import layerwatch.callback as cb
+        import layerwatch.record.probe_pass as probe_pass
 
-        original = cb.cast_outputs  # builds the model the probe pass runs
+        original = probe_pass.cast_outputs  # builds the model the probe pass runs
 
         def counting_cast_outputs(extractor, dtype):
             recorder = original(extractor, dtype)
@@ -189,13 +189,13 @@ class _TraceCounter:
             recorder.call = call
             return recorder
 
-        cb.cast_outputs = counting_cast_outputs
+        probe_pass.cast_outputs = counting_cast_outputs
 
 
 def _separate_pass(path, probes, labels):
     """LayerWatch with its probe pass as a separate compiled call after each step
     (what JAX, PyTorch and multi-replica TensorFlow use), for comparison."""
-    import layerwatch.callback as cb
+    import layerwatch.record.callback as cb
     from layerwatch import LayerWatch
 
     class SeparatePassLayerWatch(LayerWatch):

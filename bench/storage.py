@@ -156,17 +156,17 @@ def rewrite(arrays, layers, probes_x, path, *, dtype, compression, level, shuffl
 @contextlib.contextmanager
 def _storage_variant(codec: str, in_time: bool):
     """Write with zlib instead of ISA-L, and/or one snapshot per chunk (0.1's layout)."""
-    import layerwatch.store as store
+    from layerwatch.store import codec as store_codec
 
-    saved = store._isal, store._MAX_CHUNK_SNAPSHOTS
+    saved = store_codec._isal, store_codec.MAX_CHUNK_SNAPSHOTS
     if codec == "zlib":
-        store._isal = None
+        store_codec._isal = None
     if not in_time:
-        store._MAX_CHUNK_SNAPSHOTS = 1
+        store_codec.MAX_CHUNK_SNAPSHOTS = 1
     try:
         yield
     finally:
-        store._isal, store._MAX_CHUNK_SNAPSHOTS = saved
+        store_codec._isal, store_codec.MAX_CHUNK_SNAPSHOTS = saved
 
 
 def run(args) -> int:

@@ -9,7 +9,7 @@ and no callbacks around it, under three conditions that take turns in blocks
 of ``--calls`` calls (the order rotated every round):
 
   plain         the model's own train function
-  fused         layerwatch's fused train function (layerwatch/fused.py: the
+  fused         layerwatch's fused train function (layerwatch/record/fused.py: the
                 probes run inside the train step's graph, on the weights the
                 step starts from), their activations taken as NumPy arrays as
                 the callback takes them
@@ -75,8 +75,8 @@ def run(args) -> int:
     if args.inter_op_threads is not None:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
 
-    from layerwatch.extractor import build_extractor, cast_outputs
-    from layerwatch.fused import FusedProbePass, can_fuse
+    from layerwatch.record.extractor import build_extractor, cast_outputs
+    from layerwatch.record.fused import FusedProbePass, can_fuse
     from layerwatch.store import LayerSpec, RunWriter
 
     recipe = _common.seed_recipe()

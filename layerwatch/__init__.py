@@ -9,22 +9,25 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.2.3"
+from .version import __version__
 
-__all__ = ["LayerWatch", "one_per_class", "open_run", "read_run", "render", "drift", "show",
-           "RecordingError", "__version__"]
+__all__ = ["LayerWatch", "one_per_class", "open_run", "read_run", "render", "drift", "health",
+           "compare", "report", "show", "RecordingError", "__version__"]
 
-# Functions named like their module are bound here eagerly: a lazy binding would
-# be replaced by the submodule itself as soon as anything imports it.
-from .drift import drift  # noqa: E402
-from .probes import one_per_class  # noqa: E402
-from .render import render  # noqa: E402
+# Functions named like their package are bound here eagerly: a lazy binding would
+# be replaced by the subpackage itself as soon as anything imports it.
+from .analysis.drift import drift  # noqa: E402
+from .analysis.health import health  # noqa: E402
+from .record.probes import one_per_class  # noqa: E402
+from .render.compare import compare  # noqa: E402
+from .render.run import render  # noqa: E402
+from .report import report  # noqa: E402
 from .store import RecordingError, open_run, read_run  # noqa: E402
 
 # Importing Keras pulls in a backend (seconds); the reader, the renderer and the
 # CLI do not need it, so the callback is imported on first use.
 _LAZY = {
-    "LayerWatch": ("layerwatch.callback", "LayerWatch"),
+    "LayerWatch": ("layerwatch.record.callback", "LayerWatch"),
     "show": ("layerwatch.notebook", "show"),
 }
 

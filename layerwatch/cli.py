@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import click
 
-from . import __version__
+from .version import __version__
 from .store import RecordingError
-
-
-@contextlib.contextmanager
-def _library_errors():
-    """Library errors as one ``Error:`` line: a bad recording or option, or an
-    output that cannot be written."""
-    try:
-        yield
-    except (RecordingError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(
-            f"Cannot write {exc.filename or 'the outputs'}: {exc.strerror or exc}") from None
+from .text import format_bytes
 
 
 def _echo_written(paths) -> None:
     for path in paths:
-        click.echo(f"{path}  ({_human_size(path.stat().st_size)})")
+        click.echo(f"{path}  ({format_bytes(os.path.getsize(path))})")
 
 
 def _notes(quiet: bool):
@@ -38,11 +25,14 @@ def _notes(quiet: bool):
 
 
 class _Group(click.Group):
-    """Every command's failure is one ``Error: ...`` line and exit 1.
+    """Every command's failure is one ``Error: ...`` line and exit 1: the one
+    place the CLI turns exceptions into messages.
 
-    Library errors (:class:`RecordingError`) become their message; anything
-    else a damaged file provokes deep inside h5py or numpy becomes one line
-    too, never a traceback (``LAYERWATCH_DEBUG=1`` shows it).
+    Library errors (:class:`RecordingError`, and ``ValueError`` for a bad
+    option or layer name) become their message; an output that cannot be
+    written says which; anything else a damaged file provokes deep inside
+    h5py or numpy becomes one line too, never a traceback
+    (``LAYERWATCH_DEBUG=1`` shows it).
     """
 
     def invoke(self, ctx: click.Context):
@@ -50,8 +40,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except RecordingError as exc:
+        except (RecordingError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(
+                f"Cannot write {exc.filename or 'the outputs'}: {exc.strerror or exc}") from None
         except Exception as exc:
             if os.environ.get("LAYERWATCH_DEBUG"):
                 raise
@@ -66,18 +59,6 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="layerwatch")
 def main() -> None:
     """Watch a neural network learn: inspect and render layerwatch recordings."""
-
-
-@main.command(short_help="Summarize a recording: layers, steps, metrics, state.")
-@click.argument("run", type=click.Path(dir_okay=False))
-def info(run: str) -> None:
-    """Summarize the recording RUN.h5: layers, steps, metrics, size, state."""
-    from .summary import describe_run
-
-    try:
-        click.echo(describe_run(run))
-    except RecordingError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 class _ByteSize(click.ParamType):
@@ -125,52 +106,79 @@ class _ColorRange(click.ParamType):
                   "with LOW < HIGH, e.g. --range 1 or --range=-0.5,2.", param, ctx)
 
 
-def _gif_options(command):
-    """The GIF look options shared by the commands that write GIFs."""
-    for option in reversed((
-            click.option("--fps", type=click.FloatRange(min=0, min_open=True, max=50),
-                         default=10.0, show_default=True, help="GIF frames per second."),
-            click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True,
-                         help="Integer pixel zoom."),
-            click.option("--max-channels", type=click.IntRange(min=0), default=32,
-                         show_default=True, help="Draw at most N channels per layer (0: all)."),
-    )):
-        command = option(command)
-    return command
+def _options(*options):
+    """One decorator from several click options (first listed = first in --help)."""
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return apply
+
+
+def _out_option(default: str, what: str = "Output directory"):
+    return click.option("-o", "--out", "--out-dir", "out", type=click.Path(file_okay=False),
+                        default=None, help=f"{what} (default {default}).")
+
+
+def _layers_option(what: str):
+    return click.option("--layers", multiple=True, metavar="NAMES", help=what)
+
+
+_max_frames_option = click.option(
+    "--max-frames", type=click.IntRange(min=2), default=None,
+    help="At most N frames per GIF, evenly spaced (first and last kept).")
+_max_bytes_option = click.option(
+    "--max-bytes", type=_ByteSize(), default=None,
+    help="Keep each GIF under this size (e.g. 2MB): fewer frames, then a smaller scale.")
+_quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+#: The GIF look options shared by the commands that write GIFs.
+_gif_options = _options(
+    click.option("--fps", type=click.FloatRange(min=0, min_open=True, max=50),
+                 default=10.0, show_default=True, help="GIF frames per second."),
+    click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True,
+                 help="Integer pixel zoom."),
+    click.option("--max-channels", type=click.IntRange(min=0), default=32,
+                 show_default=True, help="Draw at most N channels per layer (0: all)."))
+
+
+def _names(items: tuple[str, ...]) -> list[str] | None:
+    """``--layers a,b --layers c`` → ``["a", "b", "c"]`` (None when not given)."""
+    return [n.strip() for item in items for n in item.split(",") if n.strip()] or None
+
+
+@main.command(short_help="Summarize a recording: layers, steps, metrics, state.")
+@click.argument("run", type=click.Path(dir_okay=False))
+def info(run: str) -> None:
+    """Summarize the recording RUN.h5: layers, steps, metrics, size, state."""
+    from .analysis.summary import describe_run
+
+    click.echo(describe_run(run))
 
 
 @main.command(short_help="Render a recording into GIFs, stills and curves.")
 @click.argument("run", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "--out-dir", "out", type=click.Path(file_okay=False), default=None,
-              help="Output directory (default outputs/<run name>/).")
-@click.option("--layers", multiple=True, metavar="NAMES",
-              help="Layers to render: comma-separated or repeated (default all).")
+@_out_option("outputs/<run name>/")
+@_layers_option("Layers to render: comma-separated or repeated (default all).")
 @click.option("--every", type=click.IntRange(min=1), default=None,
               help="Use every N-th snapshot (the last is always kept).")
-@click.option("--max-frames", type=click.IntRange(min=2), default=None,
-              help="At most N frames per GIF, evenly spaced (first and last kept).")
+@_max_frames_option
 @_gif_options
-@click.option("--max-bytes", type=_ByteSize(), default=None,
-              help="Keep each GIF under this size (e.g. 2MB): fewer frames, then a smaller "
-                   "scale.")
+@_max_bytes_option
 @click.option("--range", "color_range", type=_ColorRange(), default=None,
               help="Colour range: M for -M..M, or LOW,HIGH (default: the activation's natural "
                    "range, else the 99.9th percentile of |activation|).")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@_quiet_option
 def render(run: str, out: str | None, layers: tuple[str, ...], every: int | None,
            max_frames: int | None, fps: float, scale: int, max_channels: int,
            max_bytes: int | None, color_range: tuple[float, float] | None, quiet: bool) -> None:
     """Render RUN.h5 into <layer>.gif, <layer>.png (final step) and curves.png."""
-    from .render import render as render_run
+    from .render.run import render as render_run
 
-    names = _names(layers)
-    notes = _notes(quiet)
-
-    with _RenderProgress(enabled=not quiet) as progress, _library_errors():
-        written = render_run(run, out, layers=names, every=every, max_frames=max_frames,
-                             fps=fps, scale=scale, max_channels=max_channels or None,
-                             max_bytes=max_bytes, value_range=color_range,
-                             progress=progress, notes=notes)
+    with _RenderProgress(enabled=not quiet) as progress:
+        written = render_run(run, out, layers=_names(layers), every=every,
+                             max_frames=max_frames, fps=fps, scale=scale,
+                             max_channels=max_channels or None, max_bytes=max_bytes,
+                             value_range=color_range, progress=progress, notes=_notes(quiet))
     if not quiet:
         _echo_written(written)
 
@@ -207,32 +215,23 @@ class _RenderProgress:
             self._bar.__exit__(*exc)
 
 
-def _human_size(n: int) -> str:
-    for unit, factor in (("MB", 1e6), ("kB", 1e3)):
-        if n >= factor:
-            return f"{n / factor:.1f} {unit}"
-    return f"{n} B"
-
-
 @main.command(short_help="Re-render a recording while training writes it.")
 @click.argument("run", type=click.Path(dir_okay=False))
-@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default=None,
-              help="Where the pictures go (default outputs/<run name>/).")
+@_out_option("outputs/<run name>/", "Where the pictures go")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               help="Seconds between checks for new snapshots.")
-@click.option("--max-frames", type=click.IntRange(min=2), default=None,
-              help="At most this many frames per GIF (first and last kept).")
-def watch(run: str, out_dir: str | None, interval: float, max_frames: int | None) -> None:
+@_max_frames_option
+def watch(run: str, out: str | None, interval: float, max_frames: int | None) -> None:
     """Re-render RUN.h5 while training writes it, until the run ends.
 
     Renders (like `layerwatch render`) whenever new snapshots have been
     flushed, checking every --interval seconds, and stops when the run is
     closed, when its writer is gone, or on Ctrl-C.
     """
-    from .watch import watch as follow
+    from .render.watch import watch as follow
 
     try:
-        follow(run, out_dir, interval=interval, max_frames=max_frames,
+        follow(run, out, interval=interval, max_frames=max_frames,
                notes=lambda line: click.echo(line))
     except KeyboardInterrupt:
         click.echo("Stopped watching.")
@@ -259,17 +258,10 @@ def repair(run: str) -> None:
                "plain h5py.File(path) opens it now.")
 
 
-def _names(items: tuple[str, ...]) -> list[str] | None:
-    """``--layers a,b --layers c`` → ``["a", "b", "c"]`` (None when not given)."""
-    return [n.strip() for item in items for n in item.split(",") if n.strip()] or None
-
-
 @main.command(short_help="Measure how much each layer still changes (CKA).")
 @click.argument("run", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "--out-dir", "out", type=click.Path(file_okay=False), default=None,
-              help="Where drift.png goes (default outputs/<run name>/).")
-@click.option("--layers", multiple=True, metavar="NAMES",
-              help="Layers to measure: comma-separated or repeated (default all).")
+@_out_option("outputs/<run name>/", "Where drift.png goes")
+@_layers_option("Layers to measure: comma-separated or repeated (default all).")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=0.9,
               show_default=True, help="CKA to final a layer must stay at to count as settled.")
 @click.option("--probes", type=click.Choice(["auto", "main", "analysis"]), default="auto",
@@ -283,40 +275,27 @@ def drift(run: str, out: str | None, layers: tuple[str, ...], threshold: float,
     stays >= THRESHOLD ("settled") and its change between the last two
     snapshots, and how many probes the numbers rest on.
     """
-    from pathlib import Path
+    from .analysis.drift import write_drift
 
-    from .drift import drift as measure, plot_drift
-
-    try:
-        result = measure(run, layers=_names(layers), probes=probes, threshold=threshold)
-    except (RecordingError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    target = Path("outputs") / Path(run).stem if out is None else Path(out)
-    try:
-        png = plot_drift(result, target / "drift.png")
-    except OSError as exc:
-        raise click.ClickException(
-            f"Cannot write {exc.filename or target}: {exc.strerror or exc}") from None
+    result, png = write_drift(run, out, layers=_names(layers), probes=probes,
+                              threshold=threshold)
     click.echo(result.probes_note())
     click.echo(result.table())
-    click.echo(f"{png}  ({_human_size(Path(png).stat().st_size)})")
+    _echo_written([png])
 
 
 @main.command(short_help="Put the same layers of several runs side by side.")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "--out-dir", "out", type=click.Path(file_okay=False), default=None,
-              help="Output directory (default outputs/compare_<run>_<run>...).")
+@_out_option("outputs/compare_<run>_<run>...")
 @click.option("--labels", default=None, metavar="A,B,...",
               help="Comma-separated panel labels, one per run (default the file names).")
-@click.option("--layers", multiple=True, metavar="NAMES",
-              help="Layers to compare: comma-separated or repeated (default all; then every "
-                   "run must record the same layers).")
-@click.option("--max-frames", type=click.IntRange(min=2), default=None,
-              help="At most N frames per GIF, evenly spaced (first and last kept).")
+@_layers_option("Layers to compare: comma-separated or repeated (default all; then every "
+                "run must record the same layers).")
+@_max_frames_option
 @_gif_options
 @click.option("--range", "color_range", type=_ColorRange(), default=None,
               help="One colour range for every run: M for -M..M, or LOW,HIGH.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@_quiet_option
 def compare(runs: tuple[str, ...], out: str | None, labels: str | None,
             layers: tuple[str, ...], max_frames: int | None, fps: float, scale: int,
             max_channels: int, color_range: tuple[float, float] | None, quiet: bool) -> None:
@@ -326,9 +305,7 @@ def compare(runs: tuple[str, ...], out: str | None, labels: str | None,
     recorded), <layer>.png (the last shared step) and curves.png (all runs'
     curves on one plot).
     """
-    from pathlib import Path
-
-    from .compare import compare as compare_runs, run_labels
+    from .render.compare import compare as compare_runs
 
     if len(runs) < 2:
         raise click.UsageError(f"compare needs at least two runs. Received: {len(runs)} run.")
@@ -336,29 +313,22 @@ def compare(runs: tuple[str, ...], out: str | None, labels: str | None,
     if names is not None and (len(names) != len(runs) or not all(names)):
         raise click.BadParameter(f"give one non-empty label per run ({len(runs)} runs). "
                                  f"Received: {labels!r}.", param_hint="'--labels'")
-    target = (Path("outputs") / ("compare_" + "_".join(
-        label.replace("/", "_") for label in run_labels(runs))) if out is None else Path(out))
-    notes = _notes(quiet)
-
-    with _library_errors():
-        written = compare_runs(runs, target, labels=names, layers=_names(layers),
-                               max_frames=max_frames, fps=fps, scale=scale,
-                               max_channels=max_channels or None, value_range=color_range,
-                               notes=notes)
+    written = compare_runs(runs, out, labels=names, layers=_names(layers),
+                           max_frames=max_frames, fps=fps, scale=scale,
+                           max_channels=max_channels or None, value_range=color_range,
+                           notes=_notes(quiet))
     if not quiet:
         _echo_written(written)
 
 
 @main.command(short_help="Write a self-contained HTML (and Markdown) report.")
 @click.argument("run", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "--out-dir", "out", type=click.Path(file_okay=False), default=None,
-              help="Output directory (default outputs/<run name>/).")
-@click.option("--max-frames", type=click.IntRange(min=2), default=None,
-              help="At most N frames per GIF, evenly spaced (first and last kept).")
+@_out_option("outputs/<run name>/")
+@_max_frames_option
 @click.option("--max-bytes", type=_ByteSize(), default=None,
               help="Keep each GIF under this size (e.g. 2MB), so the page stays light.")
 @_gif_options
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@_quiet_option
 def report(run: str, out: str | None, max_frames: int | None, max_bytes: int | None, fps: float,
            scale: int, max_channels: int, quiet: bool) -> None:
     """Write report.html (one self-contained page) and report.md for RUN.h5.
@@ -370,11 +340,8 @@ def report(run: str, out: str | None, max_frames: int | None, max_bytes: int | N
     """
     from .report import report as write_report
 
-    notes = _notes(quiet)
-
-    with _library_errors():
-        written = write_report(run, out, max_frames=max_frames, max_bytes=max_bytes, fps=fps,
-                               scale=scale, max_channels=max_channels or None, notes=notes)
+    written = write_report(run, out, max_frames=max_frames, max_bytes=max_bytes, fps=fps,
+                           scale=scale, max_channels=max_channels or None, notes=_notes(quiet))
     if not quiet:
         _echo_written(written[:2])
         click.echo(f"  and {len(written) - 2} images beside them")

@@ -1,7 +1,8 @@
 """Notebook display: ``layerwatch.show("run.h5", "conv3")`` animates a layer inline.
 
-The GIF is rendered in memory — drawn exactly as :func:`layerwatch.render.render`
-draws it — and handed to IPython; no file is written.
+The GIF is rendered in memory — drawn by the same
+:class:`~layerwatch.render.panel.LayerPanel` as :func:`layerwatch.render.render`'s —
+and handed to IPython; no file is written.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import io
 import os
 from typing import Any
 
-from layerwatch.compare import _Panel, _SideBySide
-from layerwatch.render import select_frames
+from layerwatch.render.gif import GifWriter
+from layerwatch.render.options import check_options
+from layerwatch.render.panel import LayerPanel
+from layerwatch.render.selection import select_frames
 from layerwatch.store import RecordingError, open_run
 
 
@@ -34,32 +37,18 @@ def layer_gif_bytes(path: str | os.PathLike, layer: str, *, max_frames: int | No
     ValueError
         Unknown layer or a bad option.
     """
-    if isinstance(scale, bool) or not (isinstance(scale, int) and 1 <= scale <= 16):
-        raise ValueError(f"scale must be an integer from 1 to 16. Received: scale={scale!r}")
-    if max_frames is not None and (isinstance(max_frames, bool) or not (
-            isinstance(max_frames, int) and max_frames >= 2)):
-        raise ValueError("max_frames must be an integer >= 2 (first and last frames are always "
-                         f"kept), or None for all. Received: max_frames={max_frames!r}")
-    if not (isinstance(fps, (int, float)) and 0 < fps <= 50):
-        raise ValueError(f"fps must be a number in (0, 50]. Received: fps={fps!r}")
+    check_options(max_frames=max_frames, fps=fps, scale=scale, max_channels=max_channels)
     with open_run(path) as run:
         n = run.num_snapshots
         if n == 0:
             raise RecordingError(f"{run.path} holds no snapshot yet: nothing to show.")
-        try:
-            info = run.layer(layer)
-        except KeyError:
-            known = ", ".join(item.layer_name or item.key for item in run.layers)
-            raise ValueError(f"The recording has no layer {layer!r}. Recorded layers: "
-                             f"{known}.") from None
-        steps, epochs = run.steps, run.epochs
-        sample = (f"step {steps.max(initial=0)}  epoch {epochs.max(initial=0) + 1}"
-                  f"  {info.layer_name or info.key}")
-        panel = _Panel(run, info, None, scale=scale, max_channels=max_channels,
-                       value_range=value_range, caption_sample=sample)
-        chosen = steps[select_frames(n, max_frames=max_frames)]
+        (info,) = run.select_layers([layer])
+        panel = LayerPanel(run, info, max_channels=max_channels, value_range=value_range)
         buffer = io.BytesIO()
-        _SideBySide([panel], scale).write_gif(buffer, chosen.tolist(), fps=fps)
+        writer = GifWriter(buffer, panel.layout(scale).palette, fps=fps)
+        for frame in panel.frames(select_frames(n, max_frames=max_frames), scale):
+            writer.add(frame)
+        writer.close()
         return buffer.getvalue()
 
 
@@ -94,7 +83,7 @@ def show(path: str | os.PathLike, layer: str, *, max_frames: int | None = 200,
     Raises
     ------
     ImportError
-        IPython is not installed (``pip install ipython``).
+        IPython is not installed (``pip install 'layerwatch[notebook]'``).
     layerwatch.store.RecordingError
         The file is missing, foreign, damaged or holds no snapshot.
     ValueError
@@ -110,8 +99,8 @@ def show(path: str | os.PathLike, layer: str, *, max_frames: int | None = 200,
         from IPython.display import Image
     except ImportError:
         raise ImportError("layerwatch.show displays in Jupyter/IPython, which is not installed. "
-                          "Install it with: pip install ipython (or use layerwatch.render to "
-                          "write GIF files).") from None
+                          "Install it with: pip install 'layerwatch[notebook]' (or use "
+                          "layerwatch.render to write GIF files).") from None
     return Image(data=layer_gif_bytes(path, layer, max_frames=max_frames, fps=fps, scale=scale,
                                       max_channels=max_channels, value_range=value_range),
                  format="gif")

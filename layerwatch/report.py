@@ -30,8 +30,9 @@ from urllib.parse import quote
 
 import numpy as np
 
-from layerwatch.drift import DriftResult, drift_of_run, plot_drift
-from layerwatch.health import HealthResult, health_of_run, plot_health
+from layerwatch.analysis.drift import DriftResult, drift_of_run, plot_drift
+from layerwatch.analysis.health import HealthResult, health_of_run, plot_health
+from layerwatch.outputs import default_out_dir
 from layerwatch.store import RecordingError, open_run
 
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -104,9 +105,9 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
     >>> report("runs/mnist.h5", "outputs/mnist")     # doctest: +SKIP
     [PosixPath('outputs/mnist/report.html'), PosixPath('outputs/mnist/report.md'), ...]
     """
-    from layerwatch.render import render
+    from layerwatch.render.run import render
 
-    out = Path("outputs") / Path(path).stem if out_dir is None else Path(out_dir)
+    out = default_out_dir(path) if out_dir is None else Path(out_dir)
     say = notes or (lambda text: None)
     render_notes: list[str] = []
 

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from layerwatch import colormap
+from layerwatch.render import colormap
 from layerwatch.cli import main
 from layerwatch.render import render, safe_stem, select_frames
 from layerwatch.store import LayerSpec, RecordingError, RunWriter
@@ -359,7 +359,7 @@ def test_cli_range_and_sizes_accepted(tmp_path):
 
 
 def test_curves_survive_divergence_and_show_a_changing_learning_rate(tmp_path):
-    from layerwatch.curves import _panels
+    from layerwatch.render.curves import _panels
     from layerwatch.store import open_run
 
     path = tmp_path / "run.h5"
@@ -380,7 +380,7 @@ def test_curves_survive_divergence_and_show_a_changing_learning_rate(tmp_path):
 
 
 def test_smoothing_does_not_lag():
-    from layerwatch.curves import smooth
+    from layerwatch.render.curves import smooth
 
     ramp = np.linspace(0, 1, 200)
     # a one-sided moving average of span 10 would trail the ramp by ~0.045

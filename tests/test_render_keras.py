@@ -7,7 +7,7 @@ keras = pytest.importorskip("keras")
 iio = pytest.importorskip("imageio.v3")
 
 import layerwatch  # noqa: E402
-from layerwatch import colormap  # noqa: E402
+from layerwatch.render import colormap  # noqa: E402
 from layerwatch.render import render  # noqa: E402
 
 

@@ -249,12 +249,12 @@ def test_nonfinite_activations_are_stored_and_reported(tmp_path):
 
 
 def test_unexpected_exception_becomes_one_error_line(valid, monkeypatch):
-    import layerwatch.summary
+    from layerwatch.analysis import summary
 
     def boom(path):
         raise TypeError("weird\nsecond line")
 
-    monkeypatch.setattr(layerwatch.summary, "describe_run", boom)
+    monkeypatch.setattr(summary, "describe_run", boom)
     result = CliRunner().invoke(main, ["info", str(valid)])
     assert result.exit_code == 1
     assert result.output == (
@@ -364,7 +364,7 @@ def test_time_chunks_round_trip_through_early_flushes_and_append(tmp_path):
 def test_shuffle_matches_hdf5s_byte_order(dtype):
     """The writer's byte shuffle is HDF5's: all first bytes in memory order, then
     all second bytes, ..., for every element size and byte order."""
-    from layerwatch.store import _shuffle
+    from layerwatch.store.codec import shuffle as _shuffle
 
     rows = np.random.default_rng(1).normal(size=(3, 5, 7)).astype(dtype)
     want = rows.view(np.uint8).reshape(-1, rows.itemsize).T.reshape(-1)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .store import open_run
+from layerwatch.store import open_run
 
 Notes = Callable[[str], None]
 
@@ -49,7 +49,7 @@ def watch(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
     ValueError
         ``interval`` is not positive, or a render option is invalid.
     """
-    from .render import render
+    from layerwatch.render.run import render
 
     if not interval > 0:
         raise ValueError(f"interval must be > 0 seconds. Received: interval={interval!r}")

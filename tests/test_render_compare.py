@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from layerwatch import frames
+from layerwatch.render import layout as frames
 from layerwatch.cli import main
-from layerwatch.compare import CompareError, compare, run_labels
+from layerwatch.render.compare import CompareError, compare, run_labels
 from layerwatch.store import LayerSpec, RunWriter, open_run
 
 
@@ -228,5 +228,5 @@ def test_show_without_ipython_names_the_install(runs, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "IPython", None)
     monkeypatch.setitem(sys.modules, "IPython.display", None)
-    with pytest.raises(ImportError, match=r"pip install ipython"):
+    with pytest.raises(ImportError, match=r"pip install 'layerwatch\[notebook\]'"):
         show(runs[0], "conv1")

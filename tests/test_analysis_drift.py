@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from layerwatch.cli import main
-from layerwatch.drift import (DriftResult, center_gram, centered_gram, cka_from_grams, drift,
+from layerwatch.analysis.drift import (DriftResult, center_gram, centered_gram, cka_from_grams, drift,
                               drift_of_run, linear_cka, plot_drift, settled_step)
 from layerwatch.store import LayerSpec, RunWriter, open_run
 
@@ -112,7 +112,7 @@ def test_settled_treats_nan_as_not_settled():
 
 
 def test_relative_settling_measures_the_share_of_the_drift_done():
-    from layerwatch.drift import _progress
+    from layerwatch.analysis.drift import _progress
 
     to_final = np.array([0.8, 0.9, 0.98, 0.97, 1.0])
     np.testing.assert_allclose(_progress(to_final), [0.0, 0.5, 0.9, 0.85, 1.0])
@@ -210,7 +210,8 @@ def test_drift_of_a_single_snapshot(tmp_path):
 def test_drift_rejects_unknown_layers_and_bad_thresholds(tmp_path):
     x = np.random.default_rng(8).normal(size=(4, 3, 3, 2)).astype(np.float32)
     path = write_run(tmp_path / "run.h5", {"conv": [x, x]}, [0, 1], probes=4)
-    with pytest.raises(ValueError, match=r"No recorded layer named 'conv9'.*Available: conv\."):
+    with pytest.raises(ValueError,
+                       match=r"The recording has no layer 'conv9'. Recorded layers: conv\."):
         drift(path, layers=["conv9"])
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]. Received: threshold=2"):
         drift(path, threshold=2)
@@ -222,7 +223,7 @@ def test_drift_rejects_unknown_layers_and_bad_thresholds(tmp_path):
 
 
 def test_watch_rejects_a_non_positive_interval(tmp_path):
-    from layerwatch.watch import watch
+    from layerwatch.render.watch import watch
 
     x = np.random.default_rng(8).normal(size=(4, 3, 3, 2)).astype(np.float32)
     path = write_run(tmp_path / "run.h5", {"conv": [x, x]}, [0, 1], probes=4)
@@ -320,7 +321,6 @@ def test_cli_drift_errors(tmp_path):
     path = write_run(tmp_path / "run.h5", {"conv": [x, x]}, [0, 1], probes=4)
     unknown = runner.invoke(main, ["drift", str(path), "--layers", "conv9"])
     assert unknown.exit_code == 1
-    assert unknown.output == ("Error: No recorded layer named 'conv9' in "
-                              f"{path}. Available: conv.\n")
+    assert unknown.output == "Error: The recording has no layer 'conv9'. Recorded layers: conv.\n"
     bad = runner.invoke(main, ["drift", str(path), "--threshold", "1.5"])
     assert bad.exit_code == 2 and "threshold" in bad.output

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import time
 
+from layerwatch.store import STATUS_COMPLETE, STATUS_STOPPED, Run, open_run
+from layerwatch.text import format_bytes, printable, shorten
+
 from .health import health_lines
-from .store import STATUS_COMPLETE, STATUS_STOPPED, Run, _printable, open_run
 
 
 def describe_run(path: str | os.PathLike) -> str:
@@ -26,9 +28,9 @@ def _lines(run: Run) -> list[str]:
     steps, epochs = run.steps, run.epochs
     lines = [f"{run.path}: layerwatch recording (format {attrs.get('format_version')})"]
     lines.append(
-        f"  model {_short(attrs.get('model_name', '?'))}, "
-        f"keras {_short(attrs.get('keras_version', '?'))} ({_short(attrs.get('backend', '?'))}),"
-        f" created {_short(attrs.get('created', '?'))}")
+        f"  model {shorten(attrs.get('model_name', '?'))}, "
+        f"keras {shorten(attrs.get('keras_version', '?'))} ({shorten(attrs.get('backend', '?'))}),"
+        f" created {shorten(attrs.get('created', '?'))}")
     lines.append(f"  status: {_status(run)}")
     if len(steps):
         lines.append(f"  snapshots: {len(steps)}, steps {steps[0]}..{steps[-1]}, "
@@ -46,7 +48,7 @@ def _lines(run: Run) -> list[str]:
     width = min(40, max(len(layer.key) for layer in run.layers))
     for layer in run.layers:
         lines.append(
-            f"    {_printable(layer.key):<{width}}  {layer.layer_class:<16} "
+            f"    {printable(layer.key):<{width}}  {layer.layer_class:<16} "
             f"{str(layer.shape):<16} {layer.activation:<10} recorded: {layer.tensor}")
     lines.extend(_nonfinite_lines(run, steps))
     lines.extend(health_lines(run))
@@ -62,14 +64,9 @@ def _lines(run: Run) -> list[str]:
     stored, raw = run.storage_bytes()
     size = os.path.getsize(run.path)
     ratio = f", {stored / raw:.3f} of raw float32" if raw else ""
-    lines.append(f"  size on disk: {_bytes(size)} (activations {_bytes(stored)}{ratio}, "
-                 f"stored as {run.storage_dtype})")
+    lines.append(f"  size on disk: {format_bytes(size)} (activations {format_bytes(stored)}"
+                 f"{ratio}, stored as {run.storage_dtype})")
     return lines
-
-
-def _short(value, limit: int = 60) -> str:
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _nonfinite_lines(run: Run, steps) -> list[str]:
@@ -78,7 +75,7 @@ def _nonfinite_lines(run: Run, steps) -> list[str]:
     for layer in run.layers:
         index = run.first_nonfinite(layer.key)
         if index is not None:
-            found.append(f"{_printable(layer.key)} from step {steps[index]}")
+            found.append(f"{printable(layer.key)} from step {steps[index]}")
     if not found:
         return []
     return ["  non-finite values (NaN/inf; training diverged?): " + ", ".join(found)]
@@ -107,13 +104,3 @@ def _status(run: Run) -> str:
         return ("not closed: still recording on another host, or the run ended without "
                 f"closing ({ago})")
     return f"unknown status {status}"
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-

@@ -111,7 +111,8 @@ def _trace(model: keras.Model, inputs: Any, on_call: Callable) -> Any:
         "Functional or Sequential model (subclassed layers inside those are fine).")
 
 
-def select_layers(model: keras.Model, layers: LayerSelector) -> list[tuple[str, keras.layers.Layer]]:
+def select_layers(model: keras.Model, layers: LayerSelector
+                  ) -> list[tuple[str, keras.layers.Layer]]:
     """The (path, layer) pairs to record, in model order.
 
     Raises

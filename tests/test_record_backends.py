@@ -2,7 +2,7 @@
 
 The backend is fixed per process, so CI runs this file once per backend:
 
-    KERAS_BACKEND=jax LAYERWATCH_REQUIRE_BACKEND=jax python -m pytest tests/test_backends.py
+    KERAS_BACKEND=jax LAYERWATCH_REQUIRE_BACKEND=jax python -m pytest tests/test_record_backends.py
 
 Locally, a backend that is not installed skips the file; in CI (``CI`` set)
 or with ``LAYERWATCH_REQUIRE_BACKEND`` it fails instead.

@@ -485,7 +485,7 @@ class _Seen(keras.callbacks.Callback):
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                     reason="the fused probe pass is TensorFlow's")
 def test_fused_probe_pass_is_exact_built_once_and_hands_the_train_step_back(tmp_path, tiny_data):
-    from layerwatch.fused import FusedProbePass
+    from layerwatch.record.fused import FusedProbePass
 
     x, y = tiny_data
     model = tanh_relu_model(bn=True)

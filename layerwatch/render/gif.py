@@ -17,7 +17,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import GifImagePlugin, Image
 
-from layerwatch import colormap
+from layerwatch.render import colormap
 
 
 class OverBudget(Exception):

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from layerwatch.text import shorten
+
 #: |a| above this fraction of the bound counts as saturated (tanh-like).
 SATURATION_LEVEL = 0.99
 #: A channel "ends saturated" when at least this share of its units is saturated.
@@ -163,7 +165,6 @@ def _final_lists(dead: np.ndarray | None, per_channel: np.ndarray | None
 def health_of_run(run: Any, *, layers: Sequence[str] | None = None,
                   indices: Sequence[int] | None = None) -> HealthResult:
     """Health signals of an open :class:`layerwatch.store.Run` (see :func:`health`)."""
-    from .drift import _layer_keys
 
     n = run.num_snapshots
     if n == 0:
@@ -171,7 +172,7 @@ def health_of_run(run: Any, *, layers: Sequence[str] | None = None,
     picks = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
     steps = run.steps[picks]
     out = []
-    for key in _layer_keys(run, layers):
+    for key in [layer.key for layer in run.select_layers(layers)]:
         info = run.layer(key)
         kind = saturation_kind(info)
         channels = info.shape[info.channel_axis] if info.shape else 1
@@ -211,7 +212,7 @@ def health(path: str | os.PathLike, *, layers: Sequence[str] | None = None) -> H
     ValueError
         An unknown layer, or no snapshot.
     """
-    from .store import open_run
+    from layerwatch.store import open_run
 
     with open_run(path) as run:
         return health_of_run(run, layers=layers)
@@ -247,12 +248,6 @@ def health_lines(run: Any) -> list[str]:
     return [f"  health (final step {step}):"] + ["    " + line for line in findings]
 
 
-def _printable(name: str, limit: int = 60) -> str:
-    """A layer name from an untrusted file, safe to print on a terminal."""
-    text = "".join(c if c.isprintable() else "?" for c in name)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _channel_list(channels: list[int], limit: int = 12) -> str:
     text = ", ".join(str(c) for c in channels[:limit])
     return text + (f", … ({len(channels) - limit} more)" if len(channels) > limit else "")
@@ -273,7 +268,7 @@ def _findings(layers: list[LayerHealth]) -> list[str]:
         share = layer.saturated[-1] if len(layer.saturated) else float("nan")
         if parts:
             tail = "" if np.isnan(share) else f"; {share:.1%} of all units saturated"
-            lines.append(f"{_printable(layer.key)}: " + "; ".join(parts) + tail)
+            lines.append(f"{shorten(layer.key)}: " + "; ".join(parts) + tail)
     return lines
 
 

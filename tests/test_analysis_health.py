@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from layerwatch.health import (dead_channels, health, health_lines, plot_health,
+from layerwatch.analysis.health import (dead_channels, health, health_lines, plot_health,
                                saturation_kind)
 from layerwatch.store import LayerInfo, LayerSpec, RunWriter, open_run
 

@@ -75,9 +75,9 @@ def _read_curves_only(run, path):
 
 
 def test_fuzzed_recordings_fail_cleanly(tmp_path, monkeypatch):
-    import layerwatch.curves
+    from layerwatch.render import curves
 
-    real_curves = layerwatch.curves.write_curves
+    real_curves = curves.write_curves
     cases = int(os.environ.get("LAYERWATCH_FUZZ_CASES", "240"))
     valid = tmp_path / "valid.h5"
     make_run(valid, snapshots=5, nan_at={"conv2": 3})
@@ -99,7 +99,7 @@ def test_fuzzed_recordings_fail_cleanly(tmp_path, monkeypatch):
             if case % 3:
                 continue
             draw = case % 30 == 0
-            monkeypatch.setattr(layerwatch.curves, "write_curves",
+            monkeypatch.setattr(curves, "write_curves",
                                 real_curves if draw else _read_curves_only)
             out = tmp_path / "out"
             render = runner.invoke(main, ["render", str(path), "-o", str(out), "--quiet",

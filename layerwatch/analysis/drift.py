@@ -302,7 +302,7 @@ def drift_of_run(run: Any, *, layers: Sequence[str] | None = None, probes: str =
                  threshold: float = SETTLED_THRESHOLD) -> DriftResult:
     """Drift of an open :class:`layerwatch.store.Run` (see :func:`drift`)."""
     source = _source(run, probes)
-    keys = _layer_keys(run, layers)
+    keys = [layer.key for layer in run.select_layers(layers)]
     recorded = getattr(run, "analysis_layers", None) if source.name == "analysis" else None
     if recorded is not None:  # analysis probes may be recorded for fewer layers
         missing = [k for k in keys if k not in set(recorded)]
@@ -390,26 +390,10 @@ def drift(path: str | os.PathLike, *, layers: Sequence[str] | None = None,
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1]. Received: threshold={threshold!r}")
-    from .store import open_run
+    from layerwatch.store import open_run
 
     with open_run(path) as run:
         return drift_of_run(run, layers=layers, probes=probes, threshold=threshold)
-
-
-def _layer_keys(run: Any, layers: Sequence[str] | None) -> list[str]:
-    if layers is None:
-        return [layer.key for layer in run.layers]
-    if isinstance(layers, str):
-        layers = [layers]
-    keys = []
-    for name in layers:
-        try:
-            keys.append(run.layer(name).key)
-        except KeyError:
-            available = ", ".join(layer.key for layer in run.layers)
-            raise ValueError(f"No recorded layer named {name!r} in {run.path}. "
-                             f"Available: {available}.") from None
-    return keys
 
 
 # --------------------------------------------------------------------------- #
@@ -496,3 +480,22 @@ def plot_drift(result: DriftResult, path: str | os.PathLike, *, dpi: int = 110) 
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     fig.savefig(path)
     return os.fspath(path)
+
+
+def write_drift(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                layers: Sequence[str] | None = None, probes: str = "auto",
+                threshold: float = SETTLED_THRESHOLD) -> tuple[DriftResult, str]:
+    """:func:`drift` of a recording and its figure, ``drift.png`` in ``out_dir``
+    (default ``outputs/<run name>/``): what ``layerwatch drift`` does.
+
+    Returns
+    -------
+    (DriftResult, str)
+        The numbers and the path of the figure written.
+    """
+    from layerwatch.outputs import default_out_dir
+
+    result = drift(path, layers=layers, probes=probes, threshold=threshold)
+    out = default_out_dir(path) if out_dir is None else out_dir
+    return result, plot_drift(result, os.path.join(out, "drift.png"))
+

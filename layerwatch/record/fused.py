@@ -17,7 +17,7 @@ separate pass.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import keras
 
@@ -103,3 +103,43 @@ class FusedProbePass:
             self._model.train_function = self._plain
         self.wanted, self._outputs = False, None
 
+
+
+class DeferredSnapshot:
+    """The snapshot of step ``k``, which the fused train call of step ``k + 1`` computes.
+
+    :meth:`defer` holds the step's bookkeeping (its epoch, analysis Grams and
+    batch logs) and asks the fused pass for the next call; :meth:`take`
+    hands it back with the activations that call computed.
+    """
+
+    def __init__(self, fused: FusedProbePass):
+        self.fused = fused
+        self._held: tuple[int, int, list | None, dict] | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self._held is not None
+
+    def defer(self, step: int, epoch: int, grams: list | None, logs: dict) -> None:
+        self._held = (step, epoch, grams, logs)
+        self.fused.wanted = True
+
+    def take(self, separate: Callable[[], tuple[list, float | None]] | None = None
+             ) -> tuple[int, int, list | None, float | None, list | None, dict]:
+        """``(step, epoch, arrays, learning rate, grams, logs)`` of the held snapshot.
+
+        ``arrays`` is None when no fused call ran since :meth:`defer` (the
+        model's train function was replaced) and no ``separate`` probe pass
+        was given to take the snapshot now, on the weights of its step still.
+        """
+        (step, epoch, grams, logs), self._held = self._held, None
+        taken = self.fused.take()
+        if taken is None and separate is not None:
+            self.fused.wanted = False
+            taken = separate()
+        arrays, rate = taken if taken is not None else (None, None)
+        return step, epoch, arrays, rate, grams, logs
+
+    def drop(self) -> None:
+        self._held = None

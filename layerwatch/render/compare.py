@@ -23,12 +23,14 @@ from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 
-from layerwatch import colormap
-from layerwatch import frames as _frames
-from layerwatch.gif import GifWriter, write_still
-from layerwatch.colormap import value_indices
-from layerwatch.render import HOLD, robust_max, safe_stem, select_frames
-from layerwatch.store import LayerInfo, Run, open_run
+from layerwatch.outputs import compare_out_dir
+from layerwatch.render import colormap
+from layerwatch.render.gif import GifWriter, write_still
+from layerwatch.render.names import file_stems
+from layerwatch.render.options import check_options
+from layerwatch.render.panel import ROBUST_PERCENTILE, LayerPanel
+from layerwatch.render.selection import select_frames
+from layerwatch.store import Run, open_run
 
 _SEPARATOR = 4  # pixels (before scale) between panels
 
@@ -38,59 +40,8 @@ class CompareError(ValueError):
 
 
 # --------------------------------------------------------------------------- #
-# Panels: one run's view of one layer
+# Panels side by side
 # --------------------------------------------------------------------------- #
-
-
-def color_range(run: Run, layer: LayerInfo,
-                value_range: tuple[float, float] | None = None) -> tuple[float, float]:
-    """The colour range :func:`layerwatch.render.render` uses for a layer.
-
-    ``value_range`` if given; else a bounded activation's natural range made
-    symmetric about 0; else ±(99.9th percentile of |activation| over the run).
-    """
-    if value_range is not None:
-        return float(value_range[0]), float(value_range[1])
-    if layer.value_range is not None:
-        m = max(abs(layer.value_range[0]), abs(layer.value_range[1]))
-        return -m, m
-    m = robust_max(run, layer.key)
-    return -m, m
-
-
-class _Panel:
-    """One run's frames of one layer."""
-
-    def __init__(self, run: Run, layer: LayerInfo, label: str | None, *, scale: int,
-                 max_channels: int | None, value_range: tuple[float, float] | None,
-                 caption_sample: str):
-        self.run, self.layer, self.label = run, layer, label
-        self.vmin, self.vmax = color_range(run, layer, value_range)
-        self.steps = run.steps
-        self.epochs = run.epochs
-        self._index = {int(s): i for i, s in enumerate(self.steps)}
-        self.layout = _frames.build_layout(
-            layer.shape, layer.channel_axis, run.probes_x(), scale=scale,
-            max_channels=max_channels,
-            channels_first_input=layer.channel_axis == 0 and len(layer.shape) > 1,
-            caption_sample=caption_sample)
-
-    def index(self, step: int) -> int:
-        return self._index[int(step)]
-
-    def caption(self, i: int) -> str:
-        name = self.layer.layer_name or self.layer.key
-        if self.label is None:  # a single run: the caption render uses
-            return f"step {self.steps[i]}  epoch {self.epochs[i] + 1}  {name}"
-        return f"{self.label}  step {self.steps[i]}"
-
-    def frames(self, indices: Sequence[int]):
-        # The same hysteresis as render's GIFs, so a panel is pixel-identical
-        # to that run's own GIF at the same frames.
-        previous = None
-        for i, a in zip(indices, self.run.iter_activations(self.layer.key, list(indices))):
-            previous = value_indices(a, self.vmin, self.vmax, previous=previous, hold=HOLD)
-            yield self.layout.compose_indices(previous, self.caption(int(i)))
 
 
 def _input_remap(palette: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -113,11 +64,13 @@ def _input_remap(palette: np.ndarray, reference: np.ndarray) -> np.ndarray:
 class _SideBySide:
     """Joins the panels of one step into one frame."""
 
-    def __init__(self, panels: Sequence[_Panel], scale: int):
+    def __init__(self, panels: Sequence[LayerPanel], scale: int):
         self.panels = list(panels)
-        self.palette = self.panels[0].layout.palette
-        self.luts = [_input_remap(p.layout.palette, self.palette) for p in self.panels]
-        self.height = max(p.layout.height for p in self.panels)
+        self.scale = scale
+        layouts = [p.layout(scale) for p in self.panels]
+        self.palette = layouts[0].palette
+        self.luts = [_input_remap(layout.palette, self.palette) for layout in layouts]
+        self.height = max(layout.height for layout in layouts)
         self.gap = _SEPARATOR * scale
 
     def join(self, parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -136,7 +89,9 @@ class _SideBySide:
         return np.hstack(columns)
 
     def frames(self, steps: Sequence[int]):
-        iterators = [p.frames([p.index(s) for s in steps]) for p in self.panels]
+        # The same hysteresis as render's GIFs, so a panel is pixel-identical
+        # to that run's own GIF at the same frames.
+        iterators = [p.frames([p.index(s) for s in steps], self.scale) for p in self.panels]
         for parts in zip(*iterators):
             yield self.join(parts)
 
@@ -268,7 +223,7 @@ def common_steps(runs: Sequence[Run], labels: Sequence[str]) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 
 
-def compare(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
+def compare(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None, *,
             labels: Sequence[str] | None = None, layers: Sequence[str] | str | None = None,
             max_frames: int | None = None, fps: float = 10.0, scale: int = 1,
             max_channels: int | None = 32,
@@ -281,7 +236,8 @@ def compare(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
     paths
         Two or more recordings.
     out_dir
-        Output directory (created if needed). Writes ``<layer>.gif`` (frames
+        Output directory (created if needed; default
+        ``outputs/compare_<run>_<run>.../``). Writes ``<layer>.gif`` (frames
         at the steps all runs share), ``<layer>.png`` (the last shared step)
         and ``curves.png``.
     labels
@@ -319,21 +275,15 @@ def compare(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
     paths = [os.fspath(p) for p in paths]
     if len(paths) < 2:
         raise CompareError(f"compare needs at least two runs. Received: {len(paths)} run(s).")
+    out = compare_out_dir(run_labels(paths)) if out_dir is None else Path(out_dir)
     if labels is None:
         labels = run_labels(paths)
     elif len(labels) != len(paths):
         raise ValueError(f"Give one label per run: {len(paths)} runs. "
                          f"Received: {len(labels)} labels.")
     labels = [str(label) for label in labels]
-    if max_frames is not None and not (isinstance(max_frames, int) and max_frames >= 2):
-        raise ValueError("max_frames must be an integer >= 2 (the first and last frames are "
-                         f"always kept). Received: max_frames={max_frames!r}")
-    if not (isinstance(scale, int) and 1 <= scale <= 16):
-        raise ValueError(f"scale must be an integer from 1 to 16. Received: scale={scale!r}")
-    if not 0 < fps <= 50:
-        raise ValueError(f"fps must be a number in (0, 50]. Received: fps={fps!r}")
+    check_options(max_frames=max_frames, fps=fps, scale=scale, max_channels=max_channels)
     say = notes or (lambda text: None)
-    out = Path(out_dir)
     written: list[Path] = []
     with ExitStack() as stack:
         runs = [stack.enter_context(open_run(p)) for p in paths]
@@ -347,16 +297,16 @@ def compare(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
         out.mkdir(parents=True, exist_ok=True)
         longest = max(labels, key=len)
         sample = f"{longest}  step {int(steps.max())}"
-        for key in keys:
-            panels = [_Panel(run, run.layer(key), label, scale=scale, max_channels=max_channels,
-                             value_range=value_range, caption_sample=sample)
+        stems = file_stems([runs[0].layer(key).layer_name or key for key in keys])
+        for key, stem in zip(keys, stems):
+            panels = [LayerPanel(run, run.layer(key), max_channels=max_channels,
+                                 value_range=value_range, label=label, caption_sample=sample)
                       for run, label in zip(runs, labels)]
             for panel, label in zip(panels, labels):
-                if panel.layer.value_range is None and value_range is None:
-                    say(f"{key} in {label}: colour range ±{panel.vmax:.3g} (99.9th percentile "
-                        "of |activation|; set --range for one range across runs).")
+                if panel.measured_range:
+                    say(f"{key} in {label}: colour range ±{panel.vmax:.3g} ({ROBUST_PERCENTILE}th "
+                        "percentile of |activation|; set --range for one range across runs).")
             joined = _SideBySide(panels, scale)
-            stem = _stem(runs[0].layer(key))
             gif_path = out / f"{stem}.gif"
             tmp = out / f".{stem}.gif.tmp"
             try:
@@ -376,11 +326,6 @@ def compare(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
         else:
             say("curves.png not written: no metric is logged in every run.")
     return written
-
-
-def _stem(layer: LayerInfo) -> str:
-    stem = safe_stem(layer.layer_name or layer.key)
-    return stem + "_layer" if stem.lower() == "curves" else stem
 
 
 def _note_probe_differences(runs: Sequence[Run], labels: Sequence[str],
@@ -416,7 +361,7 @@ def write_compare_curves(runs: Sequence[Run], labels: Sequence[str],
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    from layerwatch.curves import smooth
+    from layerwatch.render.curves import smooth
 
     batches = [run.metrics("batch") for run in runs]
     epochs = [run.metrics("epoch") for run in runs]

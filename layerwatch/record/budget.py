@@ -1,0 +1,119 @@
+"""The time budget: how much of a training step recording costs, and what would fit.
+
+:class:`CostMeter` times the first batches of a fit; :func:`over_budget` turns
+its figures into the one warning (or, with ``every="auto"``, the new
+``every``) that :class:`~layerwatch.record.callback.LayerWatch` acts on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+class CostMeter:
+    """Times recording against training over the first batches of a fit.
+
+    A snapshot taken by a separate probe pass costs the callback's own time;
+    one fused into the train step (see :mod:`layerwatch.record.fused`) costs what
+    that train call takes beyond a plain one, plus the callback's time to
+    hand it over. With fused snapshots at every step, the meter asks for
+    every other one to be taken separately, so plain train calls get timed.
+    """
+
+    warmup = 2     # batch ends skipped: tracing and compilation
+    batches = 8    # batch ends measured after that
+
+    def __init__(self) -> None:
+        self._seen = 0
+        self._last_end: float | None = None
+        self._last_step: int | None = None
+        self._train: list[float] = []       # seconds per plain optimizer step
+        self._fused: list[float] = []       # seconds per fused optimizer step
+        self._handover: list[float] = []    # callback seconds after a fused step
+        self._record: list[float] = []      # callback seconds per separate snapshot
+        self._write: list[float] = []       # of which handing it to the writer
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+
+    def add(self, step: int, start: float, end: float, write: float | None, *,
+            fused_call: bool = False) -> None:
+        self._seen += 1
+        if self._seen > self.warmup and self._last_end is not None and step > self._last_step:
+            seconds = (start - self._last_end) / (step - self._last_step)
+            if fused_call:
+                self._fused.append(seconds)
+                self._handover.append(end - start)
+            else:
+                self._train.append(seconds)
+            if write is not None:
+                self._record.append(end - start)
+                self._write.append(write)
+            self.first_step = step if self.first_step is None else self.first_step
+            self.last_step = step
+        self._last_end, self._last_step = end, step
+
+    def wants_plain_step(self) -> bool:
+        """Whether the next snapshot should be taken separately (a plain step follows)."""
+        return len(self._train) < len(self._fused)
+
+    @property
+    def done(self) -> bool:
+        return len(self._train) + len(self._fused) >= self.batches
+
+    def step_time(self) -> float | None:
+        return float(np.median(self._train)) if self._train else None
+
+    def record_cost(self) -> float | None:
+        if self._fused and self._train:
+            return max(0.0, float(np.median(self._fused) - np.median(self._train))) \
+                + float(np.median(self._handover))
+        return float(np.median(self._record)) if self._record else None
+
+    def write_cost(self) -> float:
+        return float(np.median(self._write)) if self._write else 0.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Recording costs more than the budget: what it costs and what would fit."""
+
+    every: int      #: the smallest ``every`` that fits
+    message: str    #: the warning, naming every= (and max_channels=) that fit
+
+
+def over_budget(meter: CostMeter, *, every: int, budget: float,
+                channels: Sequence[int]) -> Verdict | None:
+    """A :class:`Verdict` when recording every ``every`` steps costs more than
+    ``budget`` of training time; None when it fits or could not be measured.
+
+    ``channels[i]`` is the number of channels recorded of layer ``i``.
+    """
+    step_time, cost, write = meter.step_time(), meter.record_cost(), meter.write_cost()
+    if step_time is None or cost is None or step_time <= 0:
+        return None
+    share = cost / (every * step_time)
+    if share <= budget:
+        return None
+    fitting = max(every + 1, math.ceil(cost / (budget * step_time)))
+    fits = f"every={fitting}"
+    widest = max(channels)
+    for k in (64, 32, 16, 8):
+        if k >= widest:
+            continue
+        kept = sum(min(c, k) / c for c in channels) / len(channels)
+        # Forward pass stays; storing shrinks with the channels kept.
+        cost_k = cost - write * (1 - kept)
+        every_k = max(1, math.ceil(cost_k / (budget * step_time)))
+        fits += f", or max_channels={k}" + (f" with every={every_k}" if every_k > 1 else "")
+        break
+    message = (
+        f"layerwatch: recording costs {share:.0%} of training time ({cost * 1e3:.1f} ms per "
+        f"recorded step, {step_time * 1e3:.1f} ms per training step, measured over steps "
+        f"{meter.first_step}-{meter.last_step}), above budget={budget}. {fits} would "
+        "bring it under budget (layers= narrows it further; every='auto' picks every; "
+        "budget=None silences this).")
+    return Verdict(every=fitting, message=message)

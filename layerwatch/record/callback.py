@@ -1,0 +1,435 @@
+"""The Keras side: the ``LayerWatch`` callback.
+
+Its hooks stay short and call named helpers, as Keras' own callbacks do: the
+probe pass (:mod:`~layerwatch.record.probe_pass`), the step bookkeeping
+(:mod:`~layerwatch.record.steps`), the snapshot a fused train call computes
+(:mod:`~layerwatch.record.fused`), the time budget
+(:mod:`~layerwatch.record.budget`), the chief rule
+(:mod:`~layerwatch.record.chief`) and what the file is told about the model
+(:mod:`~layerwatch.record.specs`). Writing is the store's
+(:class:`~layerwatch.store.RunWriter`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+import warnings
+import weakref
+from typing import Any
+
+import keras
+import numpy as np
+
+from layerwatch.store import STATUS_COMPLETE, STATUS_STOPPED, RunWriter, open_run
+
+from .budget import CostMeter, over_budget
+from .chief import env_is_chief, is_chief
+from .extractor import LayerSelector, Tap
+from .fused import DeferredSnapshot, FusedProbePass, can_fuse
+from .options import check_analysis_probes, check_every, check_path, check_recording_options
+from .probe_pass import ProbePass
+from .probes import check_labels, check_probes
+from .specs import layer_specs, model_texts, run_metadata
+from .steps import StepCounter
+
+_open_writers: "weakref.WeakSet[RunWriter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_writers() -> None:
+    # A run that raised out of fit() never reaches on_train_end; close its file
+    # at exit so what was buffered is written and the file is marked stopped.
+    for writer in list(_open_writers):
+        try:
+            writer.close(status=STATUS_STOPPED)
+        except Exception:
+            pass
+
+
+class LayerWatch(keras.callbacks.Callback):
+    """Record every conv layer's activations for fixed probes at every step.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The HDF5 file to write (see ``docs/FORMAT.md``).
+    probes : array-like, shape (probes, *input shape)
+        Fixed inputs run through the model at every recorded step, as the model
+        takes them (same preprocessing as the training data).
+    probe_labels : array-like, optional
+        Their labels, integers or one-hot; stored with the probes.
+    layers : list of str, or callable, optional
+        Which layers to record: names (or nested paths ``"encoder/conv1"``), or
+        a predicate ``layer -> bool``. Default: every convolutional layer,
+        nested sub-models included.
+    every : int or "auto", default 1
+        Record after every ``every``-th optimizer step (step 0 and the final
+        step are always recorded). ``"auto"`` starts at 1 and, once the first
+        steps are measured, records as often as ``budget`` allows.
+    max_channels : int, optional
+        Record at most this many channels per layer (default: all). Bounds
+        memory, disk and time on wide models; the file's ``channels``
+        attribute says which were kept.
+    channel_selection : {"first", "variance"}, default "first"
+        Which ``max_channels`` channels: the first K, or the K whose
+        activations vary most across the probes at the first recorded step
+        (mean over positions of the variance over probes), kept in model order.
+    budget : float or None, default 0.2
+        Share of a training step that recording may cost. Measured over the
+        first steps; above it, one warning names the ``every=`` (and
+        ``max_channels=``) that would fit. ``None`` turns the check off.
+    mode : {"new", "append", "overwrite"}, default "new"
+        ``"new"`` refuses to touch an existing file; ``"append"`` continues it
+        (resumed training: same layers and probes); ``"overwrite"`` replaces it.
+    dtype : {"float16", "float32"}, default "float16"
+        Storage precision of the activations.
+    flush_seconds : float, default 2.0
+        Longest time a snapshot waits before it is handed to the disk writer: a
+        crash loses at most the snapshots of the last ``flush_seconds`` (plus the
+        time the disk needs), never more than ``3 * flush_snapshots - 1``; on
+        TensorFlow also the newest step's, which the next step computes.
+    flush_snapshots : int, default 32
+        Snapshots buffered before a write is started.
+    analysis_probes : array-like, optional
+        Extra inputs, not rendered, whose n×n activation Gram matrices are kept
+        every ``analysis_every`` steps for ``layerwatch drift`` (linear CKA on
+        more probes is less noisy). Shaped like ``probes``; at least 2.
+    analysis_every : int, default 10
+    compression : {"gzip", "lzf", None}, default "gzip"
+        HDF5 filter of the activations. ``"gzip"`` is byte shuffle + deflate,
+        compressed by layerwatch itself with ISA-L (a standard stream any HDF5
+        reader inflates).
+
+    Notes
+    -----
+    The probe pass is one compiled, inference-mode function built once. On
+    TensorFlow (one replica, one step per execution) it runs *inside* the
+    train step's graph instead (``layerwatch.record.fused``): the snapshot of
+    step ``k`` is computed by the train call of step ``k + 1``, on the weights
+    that step starts from, and written when that call returns (or at the
+    epoch's end). The model's own train function is handed back when ``fit``
+    ends.
+
+    Raises
+    ------
+    ValueError
+        Bad probes, labels, ``every``, ``mode`` or ``dtype``; ``path`` exists
+        and ``mode="new"``; the model has no layer to record (at ``fit``).
+    OSError
+        ``path`` cannot be written.
+
+    Examples
+    --------
+    >>> probes, labels = one_per_class(x_test, y_test)          # doctest: +SKIP
+    >>> model.fit(x, y, epochs=5, batch_size=1024,               # doctest: +SKIP
+    ...           callbacks=[LayerWatch("runs/mnist.h5", probes, labels)])
+    """
+
+    def __init__(self, path: str | os.PathLike, probes: Any, probe_labels: Any = None, *,
+                 layers: LayerSelector = None, every: int | str = 1, mode: str = "new",
+                 dtype: str = "float16", flush_seconds: float = 2.0,
+                 flush_snapshots: int = 32, compression: str | None = "gzip",
+                 max_channels: int | None = None, channel_selection: str = "first",
+                 budget: float | None = 0.2, analysis_probes: Any = None,
+                 analysis_every: int = 10):
+        super().__init__()
+        # A worker that will not write must not refuse the chief's file.
+        self.path = check_path(path, mode if env_is_chief() else "overwrite")
+        self.probes = check_probes(probes)
+        self.probe_labels = check_labels(probe_labels, len(self.probes))
+        self.analysis_probes = check_analysis_probes(analysis_probes, self.probes)
+        self.every, self.auto_every = check_every(every)
+        check_recording_options(
+            analysis_every=analysis_every, max_channels=max_channels,
+            channel_selection=channel_selection, budget=budget, auto_every=self.auto_every,
+            dtype=dtype, compression=compression, flush_seconds=flush_seconds,
+            flush_snapshots=flush_snapshots)
+        self.layers = layers
+        self.mode = mode
+        self.analysis_every = int(analysis_every)
+        self.dtype = str(np.dtype(dtype))
+        self.compression = compression
+        self.flush_seconds = float(flush_seconds)
+        self.flush_snapshots = int(flush_snapshots)
+        self.max_channels = None if max_channels is None else int(max_channels)
+        self.channel_selection = channel_selection
+        self.budget = None if budget is None else float(budget)
+        self._probes: ProbePass | None = None      # built once per model
+        self._fusion: FusedProbePass | None = None  # built once, reused by later fits
+        self._deferred: DeferredSnapshot | None = None  # this fit's fused snapshots
+        self._steps: StepCounter | None = None
+        self._meter: CostMeter | None = None
+        self._budget_checked = False
+        self._writer: RunWriter | None = None
+        self._last_step: int | None = None
+        self._last_analysis: int | None = None
+        self._epoch = 0
+        self._owns_file = False  # this callback created the file: later fits append
+        self._failed = False
+
+    # -- Keras hooks -------------------------------------------------------- #
+
+    def on_train_begin(self, logs=None):
+        self._close(status=STATUS_STOPPED)  # a previous fit() that raised
+        model = self.model
+        self._prepare(model)
+        if not is_chief(model):
+            return  # another worker writes the recording; this one records nothing
+        steps_per_epoch = (self.params or {}).get("steps")
+        # With gradient accumulation a batch is not a step, and a last partial
+        # execution of an epoch of unknown length cannot be sized: read the optimizer.
+        read_every_step = bool(getattr(model.optimizer, "gradient_accumulation_steps", None)) \
+            or (getattr(model, "steps_per_execution", 1) > 1 and not steps_per_epoch)
+        self._steps = StepCounter(self._read_step, steps_per_epoch=steps_per_epoch,
+                                  read_every_step=read_every_step)
+        step = self._read_step()
+        first = self._probes.snapshot()
+        self._open_writer(model, first, step)
+        _open_writers.add(self._writer)
+        if self._last_step != step:
+            self._record(step, first, self._analysis_grams(step))
+        # Measured once per callback: a resumed or repeated fit() warns no more.
+        self._meter = CostMeter() if self.budget is not None and not self._budget_checked \
+            else None
+        if not read_every_step and can_fuse(model):
+            self._deferred = DeferredSnapshot(self._fused_pass(model))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = int(epoch)
+        if self._recording:
+            self._steps.epoch_begins()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self._recording:
+            return
+        try:
+            start = time.perf_counter()
+            fused_call = self._deferred is not None and self._deferred.pending
+            if fused_call:
+                self._take_deferred()
+            step = self._steps.at_batch_end(batch)
+            recorded = self._last_step is None or \
+                step // self.every > self._last_step // self.every
+            direct = recorded and (self._deferred is None or (
+                self._meter is not None and self._meter.wants_plain_step()))
+            scalars = self._scalars(logs, with_lr=direct) if logs else {}
+            written = None
+            if direct:
+                arrays = self._snapshot()
+                written = time.perf_counter()
+                self._record(step, arrays, self._analysis_grams(step))
+            elif recorded:
+                # The next train call runs the probes on the weights of this
+                # step, and reads the learning rate: these logs wait for it.
+                self._deferred.defer(step, self._epoch, self._analysis_grams(step), scalars)
+                self._last_step = step
+                scalars = None
+            if scalars:
+                self._writer.add_batch_logs(step, scalars)
+            if self._meter is not None:
+                end = time.perf_counter()
+                self._meter.add(step, start, end, (end - written) if direct else None,
+                                fused_call=fused_call)
+                if self._meter.done:
+                    self._check_budget(self._meter)
+                    self._meter, self._budget_checked = None, True
+        except Exception as exc:
+            self._stop_recording(exc)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._recording:
+            return
+        try:
+            # Snapshots are on disk at every epoch end: no deferred one waits
+            # for the next epoch (and for whatever runs between epochs).
+            self._take_deferred(now=True)
+            step = self._steps.at_epoch_end(epoch)
+            self._writer.add_epoch_logs(epoch, step, self._scalars(logs or {}))
+        except Exception as exc:
+            self._stop_recording(exc)
+
+    def on_train_end(self, logs=None):
+        if self._writer is None:
+            return
+        if not self._failed:
+            try:
+                self._take_deferred(now=True)
+                step = self._read_step()
+                if step != self._last_step:
+                    self._record(step, self._snapshot(), self._analysis_grams(step, final=True))
+                elif self._probes.xa is not None and self._last_analysis != step:
+                    # Grams for the final step
+                    self._record(step, None, self._analysis_grams(step, final=True))
+            except Exception as exc:
+                self._stop_recording(exc)
+        self._close(status=STATUS_STOPPED if self._failed else STATUS_COMPLETE)
+
+    # -- internals ---------------------------------------------------------- #
+
+    @property
+    def _recording(self) -> bool:
+        return self._writer is not None and not self._failed
+
+    def _prepare(self, model: keras.Model) -> None:
+        """Validate the probes against the model and build the probe pass once."""
+        if self._probes is not None and self._probes.model is model:
+            return
+        self._probes = ProbePass(
+            model, self.probes, layers=self.layers, dtype=self.dtype,
+            max_channels=self.max_channels, channel_selection=self.channel_selection,
+            analysis_probes=self.analysis_probes, stored_channels=self._stored_channels)
+
+    def _stored_channels(self, taps: list[Tap]) -> dict[int, Any] | None:
+        """Channels kept by the recording being resumed (variance is not re-chosen)."""
+        if self.channel_selection != "variance" or not os.path.exists(self.path) or \
+                (self.mode != "append" and not self._owns_file):
+            return None
+        with open_run(self.path) as run:
+            kept = {layer.key: layer.channels for layer in run.layers}
+        return {i: kept.get(tap.key) for i, tap in enumerate(taps)}
+
+    def _open_writer(self, model: keras.Model, first: list[np.ndarray], step: int) -> None:
+        """Create the recording, or continue it (``mode="append"``, or a later fit)."""
+        probes = self._probes
+        specs = layer_specs(probes.taps, first, probes.channels, probes.totals)
+        options = dict(flush_seconds=self.flush_seconds, flush_snapshots=self.flush_snapshots)
+        mode = "append" if self._owns_file else self.mode
+        if mode == "append" and os.path.exists(self.path):
+            self._writer = RunWriter.append(
+                self.path, layers=specs, probes_x=probes.x, probes_y=self.probe_labels,
+                from_step=step, analysis_probes=0 if probes.xa is None else len(probes.xa),
+                **options)
+            self._last_step = self._writer.resumed.last_step
+            self._last_analysis = self._writer.resumed.last_analysis
+        else:
+            self._writer = RunWriter.create(
+                self.path, layers=specs, probes_x=probes.x, probes_y=self.probe_labels,
+                metadata=run_metadata(model, every=self.every, num_probes=len(probes.x)),
+                texts=model_texts(model), storage_dtype=self.dtype,
+                compression=self.compression, analysis_probes_x=probes.xa,
+                analysis_every=self.analysis_every, **options)
+            self._last_step = self._last_analysis = None
+        self._owns_file = True
+        self._failed = False
+
+    def _fused_pass(self, model: keras.Model) -> FusedProbePass:
+        """The fused train function, installed: built once, rebuilt if the model changed."""
+        fusion = self._fusion
+        if fusion is None or fusion.recorder is not self._probes.recorder \
+                or not fusion.install():
+            fusion = self._fusion = FusedProbePass(model, self._probes.recorder, self._probes.x)
+            fusion.install()
+        return fusion
+
+    def _snapshot(self) -> list[np.ndarray]:
+        # Reading Callback.model syncs JAX's functional training state back into
+        # the variables the probe function reads (a no-op on other backends).
+        self.model  # noqa: B018
+        # Keras' compiled predict step (built once, inference mode), without
+        # predict()'s per-call data pipeline; see extractor.probe_function.
+        return self._probes.snapshot()
+
+    def _analysis_grams(self, step: int, *, final: bool = False) -> list[np.ndarray] | None:
+        """The analysis probes' Gram matrices now, if ``step`` is an analysis step."""
+        if self._probes.xa is None or not (
+                final or self._last_analysis is None
+                or step // self.analysis_every > self._last_analysis // self.analysis_every):
+            return None
+        self._last_analysis = step
+        return self._probes.grams()
+
+    def _record(self, step: int, arrays: list[np.ndarray] | None,
+                grams: list[np.ndarray] | None, *, epoch: int | None = None) -> None:
+        self._writer.add_snapshot(step, self._epoch if epoch is None else epoch, arrays, grams)
+        self._last_step = step
+
+    def _take_deferred(self, *, now: bool = False) -> None:
+        """Record the snapshot deferred to this train call (``now``: with a
+        separate probe pass, the weights being those of its step still)."""
+        if self._deferred is None or not self._deferred.pending:
+            return
+        separate = (lambda: (self._snapshot(), self._learning_rate())) if now else None
+        step, epoch, arrays, rate, grams, scalars = self._deferred.take(separate)
+        if arrays is None:
+            # No fused call ran: something replaced the model's train function.
+            warnings.warn(
+                f"layerwatch: the snapshot of step {step} was lost (the model's train "
+                "function was replaced during fit); recording goes on with a separate "
+                "probe pass.", RuntimeWarning, stacklevel=3)
+            self._release_fused()
+        else:
+            if rate is not None and scalars and "learning_rate" not in scalars:
+                scalars["learning_rate"] = rate
+            self._record(step, arrays, grams, epoch=epoch)
+        if scalars:
+            self._writer.add_batch_logs(step, scalars)
+
+    def _release_fused(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            deferred.fused.restore()
+
+    def _read_step(self) -> int:
+        """The optimizer's step count (a variable read; on JAX, a state sync)."""
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def _scalars(self, logs: dict, *, with_lr: bool = False) -> dict[str, float]:
+        out = {}
+        for name, value in logs.items():
+            if isinstance(value, (int, float)):  # Keras hands callbacks Python floats
+                out[str(name)] = float(value)
+                continue
+            try:
+                out[str(name)] = float(np.asarray(keras.ops.convert_to_numpy(value)))
+            except (TypeError, ValueError):
+                continue  # non-scalar logs are not curves
+        if with_lr and "learning_rate" not in out:
+            rate = self._learning_rate()
+            if rate is not None:
+                out["learning_rate"] = rate
+        return out
+
+    def _learning_rate(self) -> float | None:
+        """The optimizer's current learning rate (a variable read)."""
+        lr = getattr(self.model.optimizer, "learning_rate", None)
+        if lr is None:
+            return None
+        try:
+            return float(keras.ops.convert_to_numpy(lr))
+        except (TypeError, ValueError):
+            return None
+
+    def _check_budget(self, meter: CostMeter) -> None:
+        """Warn once (or, with every="auto", adapt) when recording costs too much."""
+        verdict = over_budget(meter, every=self.every, budget=self.budget,
+                              channels=self._probes.kept_channels)
+        if verdict is None:
+            return
+        if self.auto_every:
+            self.every = verdict.every
+        else:
+            warnings.warn(verdict.message, RuntimeWarning, stacklevel=2)
+
+    def _stop_recording(self, exc: BaseException) -> None:
+        self._failed = True
+        warnings.warn(
+            f"layerwatch stopped recording to {self.path} at step {self._last_step}: "
+            f"{type(exc).__name__}: {exc}. Training goes on; the file keeps what was "
+            "written before.", RuntimeWarning, stacklevel=2)
+        self._close(status=STATUS_STOPPED)
+
+    def _close(self, *, status: int) -> None:
+        self._release_fused()
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        _open_writers.discard(writer)
+        try:
+            writer.close(status=status)
+        except Exception as exc:
+            if not self._failed:
+                self._failed = True
+                warnings.warn(f"layerwatch could not finish writing {self.path}: "
+                              f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)

@@ -1,0 +1,64 @@
+"""What the recording is told about the model: each layer's attributes, the run's metadata.
+
+The attribute names are the format's (:mod:`layerwatch.store.schema`); this
+module only knows where in a Keras model each value comes from.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+
+from layerwatch.version import __version__
+from layerwatch.store.schema import LayerSpec, layer_attrs, utc_now
+
+from .extractor import BOUNDED_RANGES, Tap
+
+
+def layer_specs(taps: Sequence[Tap], arrays: Sequence[np.ndarray],
+                channels: Sequence[np.ndarray | None], totals: Sequence[int]) -> list[LayerSpec]:
+    """One :class:`LayerSpec` per tap, shaped like its recorded ``arrays`` (probes first)."""
+    specs = []
+    for tap, array, kept, total in zip(taps, arrays, channels, totals):
+        data_format = getattr(tap.layer, "data_format", None) \
+            or keras.config.image_data_format()
+        attrs = layer_attrs(
+            layer_name=tap.layer.name, layer_path=tap.path,
+            layer_class=type(tap.layer).__name__, activation=tap.activation,
+            tensor=" -> ".join(tap.chain), recorded_layer=tap.recorded.name,
+            recorded_class=type(tap.recorded).__name__, data_format=data_format,
+            channel_axis=0 if data_format == "channels_first" else array.ndim - 2,
+            value_range=BOUNDED_RANGES.get(tap.activation),
+            channels=kept, channels_total=total if kept is not None else None)
+        specs.append(LayerSpec(key=tap.key, shape=tuple(array.shape[1:]), attrs=attrs))
+    return specs
+
+
+def run_metadata(model: keras.Model, *, every: int, num_probes: int) -> dict[str, Any]:
+    """The root attributes of a new recording."""
+    return {
+        "layerwatch_version": __version__, "keras_version": keras.__version__,
+        "backend": keras.backend.backend(), "model_name": model.name,
+        "created": utc_now(), "image_data_format": keras.config.image_data_format(),
+        "every": every, "num_probes": num_probes,
+    }
+
+
+def model_texts(model: keras.Model) -> dict[str, str]:
+    """The ``/meta`` documents: the model's config (JSON) and its summary table."""
+    texts = {}
+    try:
+        texts["model_config"] = json.dumps(model.get_config(), default=str)
+    except Exception as exc:  # custom layers without get_config
+        texts["model_config"] = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+    lines: list[str] = []
+    try:
+        model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line),
+                      line_length=100)
+    except Exception:
+        pass
+    texts["summary"] = "\n".join(lines)
+    return texts

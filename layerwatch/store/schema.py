@@ -1,0 +1,125 @@
+"""The recording's schema: every HDF5 name, attribute and constant of the format.
+
+This is the one place the file's layout is spelled out in code; the writer,
+the reader and repair take their names from here, and ``docs/FORMAT.md``
+describes the same layout for people. Change a name here only with a
+``FORMAT_VERSION`` bump and a reader for the old version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "layerwatch"
+FORMAT_VERSION = 1
+
+#: Values of the ``status`` dataset.
+STATUS_RECORDING = 0
+STATUS_COMPLETE = 1
+STATUS_STOPPED = 2
+
+# -- datasets and groups ------------------------------------------------------ #
+STEPS = "steps"              #: (T,) int64 optimizer step of each snapshot; the commit index
+EPOCHS = "epochs"            #: (T,) int32 zero-based epoch of each snapshot
+WALL_TIME = "wall_time"      #: (T,) float64 Unix time each snapshot was taken
+#: The per-snapshot index datasets, in the order they are cut and grown.
+PER_SNAPSHOT = (STEPS, EPOCHS, WALL_TIME)
+STATUS = "status"            #: (1,) int8, one of the STATUS_* values
+HEARTBEAT = "heartbeat"      #: (1,) float64 Unix time of the writer's last flush
+PROBES = "probes"
+PROBES_X = "probes/x"        #: (probes, *input shape) the probe inputs, as the model took them
+PROBES_Y = "probes/y"        #: (probes,) int64 labels, optional
+ACTIVATIONS = "activations"  #: group: one (T, probes, *layer shape) dataset per layer
+META = "meta"                #: group: scalar text datasets (model_config, summary)
+METRICS = "metrics"          #: groups batch/ and epoch/
+#: The metric tables and their index columns; the last column is the commit index.
+METRIC_GROUPS = {"batch": ("step",), "epoch": ("epoch", "step")}
+METRIC_NAMES = "names"       #: (M,) S128 metric names, columns of values
+METRIC_VALUES = "values"     #: (rows, M) float64, NaN where a metric was not logged
+ANALYSIS = "analysis"        #: optional group: analysis-probe Gram matrices
+ANALYSIS_STEPS = "analysis/steps"
+ANALYSIS_PROBES = "analysis/probes_x"
+ANALYSIS_GRAMS = "analysis/gram"  #: group: one (G, n, n) float32 dataset per layer
+
+# -- root attributes ---------------------------------------------------------- #
+ATTR_FORMAT = "format"
+ATTR_FORMAT_VERSION = "format_version"
+ATTR_STORAGE_DTYPE = "storage_dtype"
+ATTR_WRITER_PID = "writer_pid"
+ATTR_WRITER_HOST = "writer_host"
+ATTR_FLUSH_SECONDS = "flush_seconds"
+ATTR_FLUSH_SNAPSHOTS = "flush_snapshots"
+ATTR_ANALYSIS_EVERY = "every"  #: on the analysis group
+
+# -- per-layer attributes (on each activations/<key> dataset) ---------------- #
+LAYER_NAME = "layer_name"
+LAYER_PATH = "layer_path"
+LAYER_CLASS = "layer_class"
+ACTIVATION = "activation"
+TENSOR = "tensor"
+RECORDED_LAYER = "recorded_layer"
+RECORDED_CLASS = "recorded_class"
+DATA_FORMAT = "data_format"
+CHANNEL_AXIS = "channel_axis"
+VALUE_RANGE = "value_range"
+CHANNELS = "channels"
+CHANNELS_TOTAL = "channels_total"
+
+NAME_DTYPE = "S128"  # fixed-length: variable-length strings are not SWMR-safe
+INDEX_FILL = -1      # fill value of the commit indexes: a row grown but not yet written
+
+
+class RecordingError(Exception):
+    """A file is missing, is not a layerwatch recording, or is damaged."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the writer needs to know about one recorded layer.
+
+    ``key`` is the dataset name under ``/activations``; ``shape`` is the
+    per-probe output shape; ``attrs`` are stored verbatim as dataset attributes
+    (see :func:`layer_attrs` for the ones the format defines).
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def layer_attrs(*, layer_name: str, layer_path: str, layer_class: str, activation: str,
+                tensor: str, recorded_layer: str, recorded_class: str, data_format: str,
+                channel_axis: int, value_range: tuple[float, float] | None = None,
+                channels: Any = None, channels_total: int | None = None) -> dict[str, Any]:
+    """The attributes of one ``activations/<key>`` dataset, by their format names."""
+    attrs: dict[str, Any] = {
+        LAYER_NAME: layer_name, LAYER_PATH: layer_path, LAYER_CLASS: layer_class,
+        ACTIVATION: activation, TENSOR: tensor, RECORDED_LAYER: recorded_layer,
+        RECORDED_CLASS: recorded_class, DATA_FORMAT: data_format, CHANNEL_AXIS: channel_axis,
+    }
+    if value_range is not None:
+        attrs[VALUE_RANGE] = np.array(value_range, dtype=np.float64)
+    if channels is not None:
+        attrs[CHANNELS] = np.asarray(channels, dtype=np.int64)
+        attrs[CHANNELS_TOTAL] = int(channels_total)
+    return attrs
+
+
+def fixed(value: Any) -> Any:
+    """Strings are stored as fixed-length UTF-8 bytes, never variable-length.
+
+    Reading a variable-length string goes through HDF5's global heap, which a
+    damaged file can send into an endless loop; fixed-length strings are
+    plain bytes of a size known before reading, so readers can refuse the
+    other kind outright.
+    """
+    return np.bytes_(value.encode("utf-8")) if isinstance(value, str) else value
+
+
+def utc_now() -> str:
+    """The ``created`` attribute's form: ISO 8601 UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
