@@ -75,7 +75,7 @@ def run(args) -> int:
     if args.inter_op_threads is not None:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
 
-    from layerwatch.record.extractor import build_extractor, cast_outputs
+    from layerwatch.record.extractor import build_extractor, cast_outputs, input_spec
     from layerwatch.record.fused import FusedProbePass, can_fuse
     from layerwatch.store import LayerSpec, RunWriter
 
@@ -93,8 +93,8 @@ def run(args) -> int:
     if not can_fuse(model):
         print("this model's train function cannot carry the probe pass", file=sys.stderr)
         return 2
-    extractor, _ = build_extractor(model, None)
-    recorder = cast_outputs(extractor, "float16")  # as LayerWatch's defaults store them
+    extractor, _ = build_extractor(model, None, input_spec(model, [probes]))
+    recorder = cast_outputs(extractor, "float16")  # as LayerWatch stores tanh layers
     fusion = FusedProbePass(model, recorder, np.asarray(probes, dtype=np.float32))
     fusion.install()
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch_size, drop_remainder=True)

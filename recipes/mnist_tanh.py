@@ -68,22 +68,26 @@ def _read_bundled_digits():
     return table[:, :-1], table[:, -1]
 
 
-def build_model(*, seed: int = 0):
-    """The seed model: 6 tanh conv layers (4, 4, 8, 8, 16, 16 channels), 3 dense layers."""
+def build_model(*, seed: int = 0, activation: str = "tanh"):
+    """The seed model: 6 tanh conv layers (4, 4, 8, 8, 16, 16 channels), 3 dense layers.
+
+    ``activation`` replaces tanh in the conv layers (the storage bench records a
+    ReLU variant: unbounded activations are stored as float32).
+    """
     import keras
     from keras import layers
 
     keras.utils.set_random_seed(seed)
     model = keras.Sequential([
         keras.Input((28, 28, 1)),
-        layers.Conv2D(4, 3, padding="same", activation="tanh", name="conv1"),
-        layers.Conv2D(4, 3, padding="same", activation="tanh", name="conv2"),
+        layers.Conv2D(4, 3, padding="same", activation=activation, name="conv1"),
+        layers.Conv2D(4, 3, padding="same", activation=activation, name="conv2"),
         layers.MaxPooling2D(name="pool1"),
-        layers.Conv2D(8, 3, padding="same", activation="tanh", name="conv3"),
-        layers.Conv2D(8, 3, padding="same", activation="tanh", name="conv4"),
+        layers.Conv2D(8, 3, padding="same", activation=activation, name="conv3"),
+        layers.Conv2D(8, 3, padding="same", activation=activation, name="conv4"),
         layers.MaxPooling2D(name="pool2"),
-        layers.Conv2D(16, 3, padding="same", activation="tanh", name="conv5"),
-        layers.Conv2D(16, 3, padding="same", activation="tanh", name="conv6"),
+        layers.Conv2D(16, 3, padding="same", activation=activation, name="conv5"),
+        layers.Conv2D(16, 3, padding="same", activation=activation, name="conv6"),
         layers.Flatten(name="flatten"),
         layers.Dense(64, activation="tanh", name="dense1"),
         layers.Dense(32, activation="tanh", name="dense2"),

@@ -187,3 +187,82 @@ def test_every_auto_thins_recording_to_the_budget(tmp_path, tiny_data):
     # Every step while measuring (2 warm-up + 8), then far apart, and the last.
     assert steps[:11] == list(range(11))
     assert steps[-1] == 24 and len(steps) <= 13
+
+
+def _two_input_model():
+    keras.utils.set_random_seed(0)
+    image = keras.Input((8, 8, 1), name="image")
+    mask = keras.Input((6, 6, 2), name="mask")
+    a = keras.layers.Conv2D(3, 3, activation="tanh", name="conv_image")(image)
+    b = keras.layers.Conv2D(2, 3, activation="relu", name="conv_mask")(mask)
+    h = keras.layers.Concatenate()([keras.layers.Flatten()(a), keras.layers.Flatten()(b)])
+    model = keras.Model([image, mask], keras.layers.Dense(3, activation="softmax")(h))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    reference = keras.Model(model.inputs, [model.get_layer("conv_image").output,
+                                           model.get_layer("conv_mask").output])
+    return model, reference
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_multi_input_model_is_recorded_per_input(tmp_path, tiny_data, as_dict):
+    x, y = tiny_data
+    extra = np.random.default_rng(3).normal(size=(len(x), 6, 6, 2)).astype("float32")
+    model, reference = _two_input_model()
+    probes = {"image": x[:3], "mask": extra[:3]} if as_dict else [x[:3], extra[:3]]
+    path = tmp_path / "run.h5"
+    model.fit([x, extra], y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[LayerWatch(path, probes, budget=None)])
+    want = _outputs(reference, [x[:3], extra[:3]])
+    with h5py.File(path, "r") as f:
+        assert f["steps"][:].tolist() == list(range(7))
+        np.testing.assert_array_equal(f["probes/inputs/image"][:], x[:3])
+        np.testing.assert_array_equal(f["probes/inputs/mask"][:], extra[:3])
+        np.testing.assert_array_equal(f["probes/x"][:], x[:3])  # the first input
+        image, mask = f["activations/conv_image"], f["activations/conv_mask"]
+        assert image.attrs["probe_input"].decode() == "image"
+        assert mask.attrs["probe_input"].decode() == "mask"
+        np.testing.assert_allclose(image[-1], want[0], atol=ATOL)
+        np.testing.assert_allclose(mask[-1], want[1], rtol=1e-5, atol=1e-6)  # float32
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["render", str(path), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    import imageio.v3 as iio
+
+    # Each layer's top row shows its own input: 6×6 cells for the mask's layer.
+    assert len(iio.imread(out / "conv_mask.gif", index=None)) == 7
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__(name="subclassed")
+        self.conv1 = keras.layers.Conv2D(4, 3, activation="relu", name="conv1")
+        self.pool = keras.layers.MaxPooling2D()
+        self.conv2 = keras.layers.Conv2D(3, 3, activation="tanh", name="conv2")
+        self.head = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, x):
+        h = self.conv2(self.pool(self.conv1(x)))
+        return self.head(keras.ops.mean(h, axis=(1, 2)))
+
+
+def test_a_subclassed_model_is_recorded(tmp_path, tiny_data):
+    x, y = tiny_data
+    keras.utils.set_random_seed(0)
+    model = _Subclassed()
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model(x[:1])  # built
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+              callbacks=[LayerWatch(path, x[:3], budget=None)])
+    conv1 = keras.ops.convert_to_numpy(model.conv1(x[:3]))
+    conv2 = keras.ops.convert_to_numpy(model.conv2(model.pool(model.conv1(x[:3]))))
+    with h5py.File(path, "r") as f:
+        assert f["steps"][:].tolist() == list(range(13))
+        assert sorted(f["activations"]) == ["conv1", "conv2"]
+        assert f["activations/conv1"].dtype == np.float32  # ReLU: unbounded
+        np.testing.assert_allclose(f["activations/conv1"][-1], conv1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(f["activations/conv2"][-1], conv2, atol=ATOL)
+        assert not np.allclose(f["activations/conv1"][0], f["activations/conv1"][-1])
+    # The model trains and predicts as before: no layer is left wrapped.
+    assert "call" not in vars(model.conv1)
+    model.predict(x[:2], verbose=0)

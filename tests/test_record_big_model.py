@@ -7,6 +7,13 @@ import pytest
 
 from layerwatch import LayerWatch
 
+# One float16 step (2**-10 relative) and then some: two recorders of one model
+# run different graphs (the first is fused into the train step, the second is a
+# separate pass, here with the channel selection in it), and oneDNN's kernels
+# for them can round differently on another CPU; the float16 stored can then
+# be one step apart.
+TOL = 2e-3
+
 
 def _resnet(widths=(16, 32, 256), blocks=3, size=8):
     """ResNet-style: stem + 3 stages x 3 blocks x 2 convs + 2 projections = 21 convs."""
@@ -57,8 +64,9 @@ def test_max_channels_every_and_layers_bound_a_wide_resnet(tmp_path, images):
             if wide.shape[-1] > 8:
                 assert ds.attrs["channels"].tolist() == list(range(8))
                 assert ds.attrs["channels_total"] == wide.shape[-1]
-            # Same values as the full recording's first channels, at the same steps.
-            np.testing.assert_array_equal(ds[:], wide[::2][..., :8])
+            # Same values as the full recording's first channels, at the same steps
+            # (up to rounding: see TOL).
+            np.testing.assert_allclose(ds[:], wide[::2][..., :8], rtol=TOL, atol=TOL)
         raw_full = sum(ds.size for ds in f["activations"].values()) / len(f["steps"])
         raw_cut = sum(ds.size for ds in g["activations"].values()) / len(g["steps"])
     assert raw_cut < raw_full / 3  # the 16-channel stage halves; 32 and 256 shrink more
@@ -81,7 +89,7 @@ def test_variance_selection_picks_the_channels_that_differ_between_probes(tmp_pa
         ds = f["activations/s2b0_conv1"]
         assert ds.attrs["channels"].tolist() == want
         assert want != [0, 1, 2, 3]  # otherwise this test could not tell it from "first"
-        np.testing.assert_allclose(ds[0], before[..., want], atol=2e-3)
+        np.testing.assert_allclose(ds[0], before[..., want], atol=TOL)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -53,7 +53,8 @@ def test_records_every_step_and_values_match_model(tmp_path, tiny_data):
 
     with h5py.File(path, "r", swmr=True) as f:
         assert f.attrs["format"].decode() == "layerwatch"
-        assert f.attrs["format_version"] == 1
+        assert f.attrs["format_version"] == 2
+        assert f.attrs["storage_dtype"].decode() == "auto"
         assert f.attrs["backend"].decode() == keras.backend.backend()
         assert f.attrs["keras_version"].decode() == keras.__version__
         assert f.attrs["model_name"].decode() == "tiny"
@@ -63,6 +64,7 @@ def test_records_every_step_and_values_match_model(tmp_path, tiny_data):
         c1, c2 = f["activations/c1"], f["activations/c2"]
         assert c1.shape == (7, 3, 8, 8, 2) and c2.shape == (7, 3, 4, 4, 3)
         assert c1.dtype == np.float16 and c1.chunks == (32, 3, 8, 8, 2)  # 32 snapshots per chunk
+        assert c2.dtype == np.float32  # ReLU is unbounded: float32, never a float16 overflow
         assert c1.compression == "gzip"
         np.testing.assert_allclose(c1[0], before[0], atol=TOL)
         np.testing.assert_allclose(c1[-1], after[0], atol=TOL)
@@ -219,8 +221,11 @@ def test_float32_storage_on_request(tmp_path, tiny_data):
               callbacks=[LayerWatch(path, x[:2], dtype="float32")])
     with h5py.File(path, "r") as f:
         assert f["activations/c1"].dtype == np.float32
+        # Recorded in the train graph (conv, bias and tanh fused by oneDNN), recomputed
+        # eagerly (separate kernels): a few float32 ulps apart, more on some CPUs.
+        # 1e-5 still fails float16 storage (errors up to 5e-4 here).
         np.testing.assert_allclose(f["activations/c1"][-1],
-                                   conv_outputs(model, ["c1"], x[:2])[0], atol=1e-6)
+                                   conv_outputs(model, ["c1"], x[:2])[0], atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- #
@@ -272,7 +277,8 @@ def test_bad_probes_are_named(tmp_path, probes, message):
     ({"every": 0}, r"every must be an integer >= 1. Received: every=0"),
     ({"every": 1.5}, r"every must be an integer >= 1. Received: every=1.5"),
     ({"mode": "replace"}, r"mode must be one of .* Received: mode='replace'"),
-    ({"dtype": "int8"}, r"dtype must be 'float16' or 'float32'"),
+    ({"dtype": "int8"}, r"dtype must be one of \('auto', 'float16', 'float32'\). "
+                        r"Received: dtype='int8'"),
     ({"compression": "zstd"}, r"compression must be 'gzip', 'lzf' or None"),
     ({"probe_labels": [0, 1, 2]}, r"one label per probe \(2\). Received: 3 labels"),
 ])
@@ -517,8 +523,12 @@ def test_two_recorders_on_one_model_record_the_same(tmp_path, tiny_data):
                          LayerWatch(tmp_path / "b.h5", x[:3], budget=None)])
     with h5py.File(tmp_path / "a.h5", "r") as a, h5py.File(tmp_path / "b.h5", "r") as b:
         assert a["steps"][:].tolist() == b["steps"][:].tolist() == list(range(7))
+        # The first recorder's probes run fused into the train step, the second's in a
+        # separate pass: different graphs, which may round differently (one float16
+        # step) on another CPU. A snapshot from another step differs far more.
         for key in ("c1", "c2"):
-            np.testing.assert_array_equal(a["activations"][key][:], b["activations"][key][:])
+            np.testing.assert_allclose(a["activations"][key][:], b["activations"][key][:],
+                                       atol=TOL, rtol=TOL)
 
 
 def test_a_fit_that_raised_leaves_training_working(tmp_path, tiny_data):
@@ -541,3 +551,56 @@ def test_a_fit_that_raised_leaves_training_working(tmp_path, tiny_data):
     with h5py.File(tmp_path / "b.h5", "r") as f:
         assert f["steps"][:].tolist() == list(range(start, start + 4))
         assert f["status"][0] == 1
+
+
+# ----------------------------------------------------------------------------- #
+# Disk budget
+# ----------------------------------------------------------------------------- #
+
+
+def test_a_run_planned_past_the_disk_budget_warns_once_with_what_fits(tmp_path, tiny_data):
+    x, y = tiny_data
+    model = tanh_relu_model()
+    with pytest.warns(RuntimeWarning, match=r"would write about .* \(14 snapshots of .*, "
+                                            r"measured on the first one\), more than "
+                                            r"disk_budget=1 kB\. every=\d+") as caught:
+        model.fit(x, y, epochs=4, batch_size=16, verbose=0,
+                  callbacks=[LayerWatch(tmp_path / "run.h5", x[:3], budget=None,
+                                        disk_budget=1000)])
+    messages = [str(w.message) for w in caught if "would write" in str(w.message)]
+    assert len(messages) == 1
+    assert "layers= without c2, c1" in messages[0] or "layers= without c1, c2" in messages[0]
+
+
+def test_every_auto_thins_recording_to_the_disk_budget(tmp_path, tiny_data):
+    x, y = tiny_data
+    model = tanh_relu_model()
+    path = tmp_path / "run.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # auto adapts, it does not warn
+        model.fit(x, y, epochs=4, batch_size=16, verbose=0,
+                  callbacks=[LayerWatch(path, x[:3], every="auto", budget=0.99,
+                                        disk_budget=1000)])
+    with h5py.File(path, "r") as f:
+        steps = f["steps"][:].tolist()
+        every = int(np.diff(steps[:-1]).min()) if len(steps) > 2 else None
+    assert steps[0] == 0 and steps[-1] == 12 and len(steps) < 13  # fewer than every step
+    assert every is None or every > 1
+
+
+def test_free_space_is_a_budget_too(tmp_path, tiny_data, monkeypatch):
+    import collections
+    import shutil
+
+    x, y = tiny_data
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 500, 500))
+    with pytest.warns(RuntimeWarning, match=r"more than the 500 B free on its disk\. every="):
+        tanh_relu_model().fit(x, y, epochs=1, batch_size=16, verbose=0,
+                              callbacks=[LayerWatch(tmp_path / "run.h5", x[:3], budget=None)])
+
+
+@pytest.mark.parametrize("value", [0, -1, "2GB", True])
+def test_disk_budget_must_be_a_positive_number(tmp_path, value):
+    with pytest.raises(ValueError, match=r"disk_budget must be a number of bytes > 0"):
+        LayerWatch(tmp_path / "run.h5", np.zeros((2, 8, 8, 1)), disk_budget=value)

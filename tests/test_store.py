@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -80,7 +81,7 @@ def _virtual(f, target):
 
 HOSTILE = {
     "format_version": (lambda f: f.attrs.__setitem__("format_version", 99),
-                       "has format_version=99; this layerwatch reads version 1"),
+                       "has format_version=99; this layerwatch reads versions 1 and 2"),
     "format_string_version": (lambda f: f.attrs.__setitem__("format_version", np.bytes_(b"1")),
                               "has format_version='1'"),
     # variable-length strings are never read (HDF5 can loop forever on a damaged global heap)
@@ -443,3 +444,26 @@ def test_two_writers_in_one_process_do_not_corrupt_each_other(tmp_path):
             for i in range(len(shapes)):
                 np.testing.assert_array_equal(f[f"activations/l{i}"][:], np.stack(
                     [m[i] for m in made]).astype(np.float16))
+
+
+def test_a_version_1_file_written_by_layerwatch_0_2_3_reads_as_before():
+    """tests/data/format_v1.h5 was written by 0.2.3 (float16 everywhere, one input)."""
+    path = Path(__file__).parent / "data" / "format_v1.h5"
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 1
+        plain = {key: f["activations"][key][()] for key in f["activations"]}
+    with open_run(path) as run:
+        assert run.attrs["format_version"] == 1 and run.storage_dtype == "float16"
+        assert run.status == STATUS_COMPLETE
+        assert run.steps.tolist() == [0, 1, 2, 3, 4] and run.epochs.tolist() == [0, 0, 0, 1, 1]
+        assert [layer.dtype for layer in run.layers] == ["float16", "float16"]
+        assert run.probe_inputs() == {} and run.probes_y().tolist() == [0, 1, 2]
+        for layer in run.layers:
+            assert layer.probe_input is None
+            np.testing.assert_array_equal(run.activations(layer.key),
+                                          plain[layer.key].astype(np.float32))
+        assert run.layer("conv1").value_range == (-1.0, 1.0)
+        steps, loss = run.metrics("batch").get("loss")
+        assert steps.tolist() == [1, 2, 3, 4]
+        np.testing.assert_allclose(loss, [2.0, 1.0, 2 / 3, 0.5])
+        assert run.metrics("epoch").get("val_loss")[1].tolist() == [1.5]

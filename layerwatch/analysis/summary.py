@@ -42,14 +42,18 @@ def _lines(run: Run) -> list[str]:
     labels = probes_y.tolist() if probes_y is not None else None
     if labels is not None and len(labels) > 20:
         labels = labels[:20] + ["..."]
-    lines.append(f"  probes: {probes_shape[0]} of shape {probes_shape[1:]}"
+    inputs = run.probe_inputs()
+    shapes = ", ".join(f"{printable(name)} {a.shape[1:]}" for name, a in inputs.items())
+    lines.append(f"  probes: {probes_shape[0]} of shape "
+                 + (f"{probes_shape[1:]}" if not inputs else f"({shapes})")
                  + (f", labels {labels}" if labels is not None else ""))
     lines.append("  layers:")
     width = min(40, max(len(layer.key) for layer in run.layers))
     for layer in run.layers:
         lines.append(
             f"    {printable(layer.key):<{width}}  {layer.layer_class:<16} "
-            f"{str(layer.shape):<16} {layer.activation:<10} recorded: {layer.tensor}")
+            f"{str(layer.shape):<16} {layer.activation:<10} {layer.dtype:<8} "
+            f"recorded: {layer.tensor}")
     lines.extend(_nonfinite_lines(run, steps))
     lines.extend(health_lines(run))
     for group in ("batch", "epoch"):
@@ -64,8 +68,10 @@ def _lines(run: Run) -> list[str]:
     stored, raw = run.storage_bytes()
     size = os.path.getsize(run.path)
     ratio = f", {stored / raw:.3f} of raw float32" if raw else ""
+    dtypes = sorted({layer.dtype for layer in run.layers})
+    stored_as = dtypes[0] if len(dtypes) == 1 else " and ".join(dtypes) + " by layer"
     lines.append(f"  size on disk: {format_bytes(size)} (activations {format_bytes(stored)}"
-                 f"{ratio}, stored as {run.storage_dtype})")
+                 f"{ratio}, stored as {stored_as})")
     return lines
 
 

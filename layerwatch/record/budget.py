@@ -117,3 +117,68 @@ def over_budget(meter: CostMeter, *, every: int, budget: float,
         "bring it under budget (layers= narrows it further; every='auto' picks every; "
         "budget=None silences this).")
     return Verdict(every=fitting, message=message)
+
+
+#: Default ``disk_budget``: bytes a recording may plan to write before LayerWatch warns.
+DISK_BUDGET = 2_000_000_000
+
+
+def snapshot_bytes(arrays: Sequence[np.ndarray], compression: str | None) -> list[int]:
+    """Per layer, the bytes one snapshot takes on disk: deflated as the writer
+    deflates it (byte shuffle + ISA-L) for ``"gzip"``, raw otherwise. One
+    snapshot alone compresses less well than the writer's chunks of up to 32,
+    so this errs high (by about a fifth on the seed recipe)."""
+    from layerwatch.store import codec
+
+    sizes = []
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        sizes.append(len(codec.deflate(codec.shuffle(a), 4)) if compression == "gzip"
+                     else a.nbytes)
+    return sizes
+
+
+def over_disk(*, per_layer: Sequence[int], names: Sequence[str], channels: Sequence[int],
+              snapshots: int, every: int, budget: float | None, free: int | None
+              ) -> Verdict | None:
+    """A :class:`Verdict` when ``snapshots`` snapshots of ``per_layer`` bytes
+    each would write more than ``budget`` bytes or more than ``free`` bytes
+    (the space left on the file's disk); None when they fit.
+
+    The advice keeps every ``every`` steps' worth of snapshots in view: the
+    ``every`` that fits, ``max_channels`` that fits at the current ``every``,
+    and the widest layers ``layers=`` could leave out.
+    """
+    from layerwatch.text import format_bytes
+
+    per_snapshot = int(sum(per_layer))
+    planned = per_snapshot * snapshots
+    limits = [(budget, f"disk_budget={format_bytes(budget)}")] if budget else []
+    if free is not None:
+        limits.append((free, f"the {format_bytes(free)} free on its disk"))
+    if not limits:
+        return None
+    limit, named = min(limits, key=lambda item: item[0])
+    if planned <= limit:
+        return None
+    factor = planned / limit
+    fitting = max(every + 1, math.ceil(every * factor))
+    advice = [f"every={fitting}"]
+    widest = max(channels)
+    for k in (64, 32, 16, 8, 4):
+        if k >= widest:
+            continue
+        cut = sum(size * min(c, k) / c for size, c in zip(per_layer, channels))
+        if cut * snapshots <= limit:
+            advice.append(f"max_channels={k}")
+            break
+    biggest = sorted(zip(per_layer, names), reverse=True)[:3]
+    advice.append("layers= without " + ", ".join(name for _, name in biggest)
+                  + f" ({format_bytes(sum(size for size, _ in biggest))} of the "
+                  f"{format_bytes(per_snapshot)} per snapshot)")
+    silence = "; disk_budget=None lifts the budget" if limit == budget else ""
+    message = (f"layerwatch: this run would write about {format_bytes(planned)} "
+               f"({snapshots} snapshots of {format_bytes(per_snapshot)}, measured on the first "
+               f"one), more than {named}. {'; or '.join(advice)} would fit "
+               f"(every='auto' picks every{silence}).")
+    return Verdict(every=fitting, message=message)

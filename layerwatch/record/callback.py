@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import time
 import warnings
 import weakref
@@ -24,13 +25,13 @@ import numpy as np
 
 from layerwatch.store import STATUS_COMPLETE, STATUS_STOPPED, RunWriter, open_run
 
-from .budget import CostMeter, over_budget
+from .budget import DISK_BUDGET, CostMeter, over_budget, over_disk, snapshot_bytes
 from .chief import env_is_chief, is_chief
 from .extractor import LayerSelector, Tap
 from .fused import DeferredSnapshot, FusedProbePass, can_fuse
 from .options import check_analysis_probes, check_every, check_path, check_recording_options
 from .probe_pass import ProbePass
-from .probes import check_labels, check_probes
+from .probes import check_labels, check_probe_set, probe_count
 from .specs import layer_specs, model_texts, run_metadata
 from .steps import StepCounter
 
@@ -80,11 +81,24 @@ class LayerWatch(keras.callbacks.Callback):
         Share of a training step that recording may cost. Measured over the
         first steps; above it, one warning names the ``every=`` (and
         ``max_channels=``) that would fit. ``None`` turns the check off.
+    disk_budget : float or None, default 2e9
+        Bytes the recording may plan to write. At ``fit``'s start, when the
+        planned run (epochs × steps per epoch ÷ ``every`` snapshots, at the
+        first snapshot's compressed size) would write more than this, or more
+        than the file's disk has free, one warning gives the estimate and the
+        ``every=`` / ``max_channels=`` / ``layers=`` that would fit;
+        ``every="auto"`` records that much less often instead. ``None`` lifts
+        the budget; the free-space check stays.
     mode : {"new", "append", "overwrite"}, default "new"
         ``"new"`` refuses to touch an existing file; ``"append"`` continues it
         (resumed training: same layers and probes); ``"overwrite"`` replaces it.
-    dtype : {"float16", "float32"}, default "float16"
-        Storage precision of the activations.
+    dtype : {"auto", "float16", "float32"}, default "auto"
+        Storage precision of the activations. ``"auto"``: float16 where the
+        recorded tensor is bounded (tanh, sigmoid, softsign, ReLU6, …) or
+        already float16 (mixed precision), float32 elsewhere (ReLU, linear,
+        BatchNorm outputs), so no finite activation is stored as inf.
+        ``"float16"`` everywhere saturates finite values beyond ±65504 at
+        ±65504 (and rounds those below 6e-8 to 0); ``"float32"`` is exact.
     flush_seconds : float, default 2.0
         Longest time a snapshot waits before it is handed to the disk writer: a
         crash loses at most the snapshots of the last ``flush_seconds`` (plus the
@@ -129,39 +143,41 @@ class LayerWatch(keras.callbacks.Callback):
 
     def __init__(self, path: str | os.PathLike, probes: Any, probe_labels: Any = None, *,
                  layers: LayerSelector = None, every: int | str = 1, mode: str = "new",
-                 dtype: str = "float16", flush_seconds: float = 2.0,
+                 dtype: str = "auto", flush_seconds: float = 2.0,
                  flush_snapshots: int = 32, compression: str | None = "gzip",
                  max_channels: int | None = None, channel_selection: str = "first",
                  budget: float | None = 0.2, analysis_probes: Any = None,
-                 analysis_every: int = 10):
+                 analysis_every: int = 10, disk_budget: float | None = DISK_BUDGET):
         super().__init__()
         # A worker that will not write must not refuse the chief's file.
         self.path = check_path(path, mode if env_is_chief() else "overwrite")
-        self.probes = check_probes(probes)
-        self.probe_labels = check_labels(probe_labels, len(self.probes))
+        self.probes = check_probe_set(probes)
+        self.probe_labels = check_labels(probe_labels, probe_count(self.probes))
         self.analysis_probes = check_analysis_probes(analysis_probes, self.probes)
         self.every, self.auto_every = check_every(every)
         check_recording_options(
             analysis_every=analysis_every, max_channels=max_channels,
             channel_selection=channel_selection, budget=budget, auto_every=self.auto_every,
             dtype=dtype, compression=compression, flush_seconds=flush_seconds,
-            flush_snapshots=flush_snapshots)
+            flush_snapshots=flush_snapshots, disk_budget=disk_budget)
         self.layers = layers
         self.mode = mode
         self.analysis_every = int(analysis_every)
-        self.dtype = str(np.dtype(dtype))
+        self.dtype = dtype
         self.compression = compression
         self.flush_seconds = float(flush_seconds)
         self.flush_snapshots = int(flush_snapshots)
         self.max_channels = None if max_channels is None else int(max_channels)
         self.channel_selection = channel_selection
         self.budget = None if budget is None else float(budget)
+        self.disk_budget = None if disk_budget is None else float(disk_budget)
         self._probes: ProbePass | None = None      # built once per model
         self._fusion: FusedProbePass | None = None  # built once, reused by later fits
         self._deferred: DeferredSnapshot | None = None  # this fit's fused snapshots
         self._steps: StepCounter | None = None
         self._meter: CostMeter | None = None
         self._budget_checked = False
+        self._disk_checked = False
         self._writer: RunWriter | None = None
         self._last_step: int | None = None
         self._last_analysis: int | None = None
@@ -188,6 +204,9 @@ class LayerWatch(keras.callbacks.Callback):
         first = self._probes.snapshot()
         self._open_writer(model, first, step)
         _open_writers.add(self._writer)
+        if not self._disk_checked:  # once per callback, like the time budget
+            self._check_disk(first)
+            self._disk_checked = True
         if self._last_step != step:
             self._record(step, first, self._analysis_grams(step))
         # Measured once per callback: a resumed or repeated fit() warns no more.
@@ -259,7 +278,7 @@ class LayerWatch(keras.callbacks.Callback):
                 step = self._read_step()
                 if step != self._last_step:
                     self._record(step, self._snapshot(), self._analysis_grams(step, final=True))
-                elif self._probes.xa is not None and self._last_analysis != step:
+                elif self._probes.analysis_count and self._last_analysis != step:
                     # Grams for the final step
                     self._record(step, None, self._analysis_grams(step, final=True))
             except Exception as exc:
@@ -293,22 +312,26 @@ class LayerWatch(keras.callbacks.Callback):
     def _open_writer(self, model: keras.Model, first: list[np.ndarray], step: int) -> None:
         """Create the recording, or continue it (``mode="append"``, or a later fit)."""
         probes = self._probes
-        specs = layer_specs(probes.taps, first, probes.channels, probes.totals)
+        specs = layer_specs(probes.taps, first, probes.channels, probes.totals, probes.dtypes,
+                            probes.names)
         options = dict(flush_seconds=self.flush_seconds, flush_snapshots=self.flush_snapshots)
         mode = "append" if self._owns_file else self.mode
         if mode == "append" and os.path.exists(self.path):
             self._writer = RunWriter.append(
-                self.path, layers=specs, probes_x=probes.x, probes_y=self.probe_labels,
-                from_step=step, analysis_probes=0 if probes.xa is None else len(probes.xa),
+                self.path, layers=specs, probes_x=probes.inputs[0], probes_y=self.probe_labels,
+                from_step=step, analysis_probes=probes.analysis_count,
                 **options)
             self._last_step = self._writer.resumed.last_step
             self._last_analysis = self._writer.resumed.last_analysis
         else:
             self._writer = RunWriter.create(
-                self.path, layers=specs, probes_x=probes.x, probes_y=self.probe_labels,
-                metadata=run_metadata(model, every=self.every, num_probes=len(probes.x)),
+                self.path, layers=specs, probes_x=probes.inputs[0], probes_y=self.probe_labels,
+                probe_inputs=dict(zip(probes.names, probes.inputs)) if len(probes.inputs) > 1
+                else None,
+                metadata=run_metadata(model, every=self.every, num_probes=probes.count),
                 texts=model_texts(model), storage_dtype=self.dtype,
-                compression=self.compression, analysis_probes_x=probes.xa,
+                compression=self.compression,
+                analysis_probes_x=_first(probes.analysis_feed),
                 analysis_every=self.analysis_every, **options)
             self._last_step = self._last_analysis = None
         self._owns_file = True
@@ -319,7 +342,8 @@ class LayerWatch(keras.callbacks.Callback):
         fusion = self._fusion
         if fusion is None or fusion.recorder is not self._probes.recorder \
                 or not fusion.install():
-            fusion = self._fusion = FusedProbePass(model, self._probes.recorder, self._probes.x)
+            fusion = self._fusion = FusedProbePass(model, self._probes.recorder,
+                                                   self._probes.feed)
             fusion.install()
         return fusion
 
@@ -333,7 +357,7 @@ class LayerWatch(keras.callbacks.Callback):
 
     def _analysis_grams(self, step: int, *, final: bool = False) -> list[np.ndarray] | None:
         """The analysis probes' Gram matrices now, if ``step`` is an analysis step."""
-        if self._probes.xa is None or not (
+        if not self._probes.analysis_count or not (
                 final or self._last_analysis is None
                 or step // self.analysis_every > self._last_analysis // self.analysis_every):
             return None
@@ -412,6 +436,29 @@ class LayerWatch(keras.callbacks.Callback):
         else:
             warnings.warn(verdict.message, RuntimeWarning, stacklevel=2)
 
+    def _check_disk(self, first: list[np.ndarray]) -> None:
+        """Warn once (or, with every="auto", record less often) when the planned
+        run would write more than ``disk_budget`` or than the disk has free."""
+        params = self.params or {}
+        epochs, steps = params.get("epochs"), params.get("steps")
+        if not epochs or not steps:
+            return  # a run of unknown length: nothing to plan
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
+        except OSError:
+            free = None
+        verdict = over_disk(
+            per_layer=snapshot_bytes(first, self.compression),
+            names=[tap.key for tap in self._probes.taps], channels=self._probes.kept_channels,
+            snapshots=int(epochs) * int(steps) // self.every + 2, every=self.every,
+            budget=self.disk_budget, free=free)
+        if verdict is None:
+            return
+        if self.auto_every:
+            self.every = verdict.every
+        else:
+            warnings.warn(verdict.message, RuntimeWarning, stacklevel=3)
+
     def _stop_recording(self, exc: BaseException) -> None:
         self._failed = True
         warnings.warn(
@@ -433,3 +480,8 @@ class LayerWatch(keras.callbacks.Callback):
                 self._failed = True
                 warnings.warn(f"layerwatch could not finish writing {self.path}: "
                               f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+
+
+def _first(feed: Any) -> np.ndarray | None:
+    """The first input's array of a probe feed (an array, a list of them, or None)."""
+    return feed[0] if isinstance(feed, list) else feed

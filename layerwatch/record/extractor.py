@@ -10,9 +10,11 @@ in inference mode through Keras' compiled predict step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import warnings
 from typing import Any, Callable, Sequence, Union
 
 import keras
+import numpy as np
 
 CONV_TYPES = tuple(
     cls for cls in (
@@ -50,6 +52,7 @@ class Tap:
     recorded: keras.layers.Layer   # the layer whose output is recorded
     chain: list[str]               # names from the selected layer to the recorded one
     path: str                      # nested-model path, e.g. "encoder/conv1"
+    input_index: int = 0           # the model input the recorded tensor is computed from
 
     @property
     def activation(self) -> str:
@@ -67,8 +70,21 @@ def activation_name(layer: keras.layers.Layer) -> str:
     return type(layer).__name__.lower()  # ReLU, LeakyReLU, ELU, PReLU, Softmax
 
 
+def is_graph_model(model: keras.Model) -> bool:
+    """Whether ``model`` is Sequential or Functional: a graph whose layers can be tapped.
+    Other (subclassed) models are recorded by capturing layer outputs as they run."""
+    return isinstance(model, keras.Sequential) or bool(
+        hasattr(model, "_run_through_graph") and getattr(model, "_nodes_by_depth", None))
+
+
 def _walk(model: keras.Model, prefix: str = ""):
-    """(path, layer) for every layer, entering nested models."""
+    """(path, layer) for every layer, entering nested models (every tracked
+    sublayer, at any depth, of a subclassed model)."""
+    if not is_graph_model(model) and hasattr(model, "_flatten_layers"):
+        for layer in model._flatten_layers(include_self=False, recursive=True):
+            if not isinstance(layer, (keras.Model, keras.layers.InputLayer)):
+                yield f"{prefix}{layer.name}", layer
+        return
     for layer in model.layers:
         path = f"{prefix}{layer.name}"
         if isinstance(layer, keras.Model):
@@ -100,15 +116,13 @@ def _trace(model: keras.Model, inputs: Any, on_call: Callable) -> Any:
         for layer in model.layers:
             x = call(layer)(x)
         return x
-    if hasattr(model, "_run_through_graph") and getattr(model, "_nodes_by_depth", None):
+    if is_graph_model(model):
         # Keras' runner returns a flat structure; the model's own output
         # structure is rebuilt by the caller through the outputs it keeps.
         outputs = model._run_through_graph(inputs, operation_fn=call)
         return outputs
-    raise ValueError(
-        f"LayerWatch cannot see inside the subclassed model '{model.name}' "
-        f"({type(model).__name__}): its layers have no graph to tap. Build it as a "
-        "Functional or Sequential model (subclassed layers inside those are fine).")
+    # A subclassed model nested in a graph: its own layers are captured as it runs.
+    return _Capture.run(model, inputs, on_call)
 
 
 def select_layers(model: keras.Model, layers: LayerSelector
@@ -152,44 +166,106 @@ def select_layers(model: keras.Model, layers: LayerSelector
     return [by_name[name] for name in layers]
 
 
-def _single_input(model: keras.Model):
-    inputs = getattr(model, "inputs", None)
-    if not inputs:
+def model_inputs(model: keras.Model) -> list | None:
+    """The model's symbolic inputs, flat and in order, or None (a subclassed model)."""
+    try:
+        inputs = getattr(model, "inputs", None)
+    except (AttributeError, ValueError):
+        inputs = None
+    return list(inputs) if inputs else None
+
+
+def arrange_probes(model: keras.Model, probes: Any) -> list[np.ndarray]:
+    """Probes as one array per model input, in the model's input order.
+
+    ``probes`` is an array (a one-input model), a list or tuple of arrays
+    (one per input, in order), or a dict keyed by input name.
+    """
+    inputs = model_inputs(model)
+    if isinstance(probes, dict):
+        if inputs is None:
+            raise ValueError(
+                f"probes given by input name need a model with named inputs; '{model.name}' "
+                "is subclassed and has none. Pass a list of arrays in the order its call "
+                "takes them.")
+        names = [_input_name(t) for t in inputs]
+        missing = [n for n in names if n not in probes]
+        extra = [k for k in probes if k not in names]
+        if missing or extra:
+            raise ValueError(
+                f"probes do not name the inputs of model '{model.name}'. Expected keys "
+                f"{names}; received: {sorted(probes)}.")
+        return [probes[n] for n in names]
+    arrays = list(probes) if isinstance(probes, (list, tuple)) else [probes]
+    if inputs is not None and len(inputs) > 1 and len(arrays) == 1 \
+            and np.ndim(arrays[0]) >= 3 and len(arrays[0]) == len(inputs):
+        arrays = list(arrays[0])  # a list of equally shaped arrays, stacked on the way in
+    if inputs is not None and len(arrays) != len(inputs):
         raise ValueError(
-            f"LayerWatch needs a built model with a known input shape; model '{model.name}' "
-            "has no inputs yet. Start it with keras.Input(shape=...) or build it before fit.")
-    if len(inputs) != 1:
-        raise ValueError(
-            f"LayerWatch records models with one input; model '{model.name}' has "
-            f"{len(inputs)}. Received: inputs={[tuple(i.shape) for i in inputs]}.")
-    return inputs[0]
+            f"probes do not fit model '{model.name}': it takes {len(inputs)} input(s) "
+            f"{[_input_name(t) for t in inputs]}, received {len(arrays)} probe array(s). "
+            "Pass one array per input, as a list in input order or a dict by input name.")
+    return arrays
 
 
-def input_spec(model: keras.Model) -> tuple[tuple[Any, ...], str]:
-    """(per-example input shape with None for free dims, dtype) of a one-input model."""
-    x = _single_input(model)
-    return tuple(x.shape[1:]), str(x.dtype)
+def input_names(model: keras.Model, count: int) -> list[str]:
+    """Names of the model's inputs (``input_0``, … for a subclassed model)."""
+    inputs = model_inputs(model)
+    if inputs is None or len(inputs) != count:
+        return [f"input_{i}" for i in range(count)]
+    return [_input_name(t) for t in inputs]
 
 
-def build_extractor(model: keras.Model, layers: LayerSelector
+def _input_name(tensor) -> str:
+    """An input's name, usable as an HDF5 dataset name (no "/")."""
+    return str(getattr(tensor, "name", "") or "input").split(":")[0].replace("/", "_")
+
+
+def input_spec(model: keras.Model, probes: Sequence[np.ndarray]
+               ) -> list[tuple[tuple[Any, ...], str]]:
+    """Per input, (per-example shape with None for free dims, dtype): the model's
+    own inputs, or for a subclassed model the probes' shapes as float32."""
+    inputs = model_inputs(model)
+    if inputs is None:
+        if not getattr(model, "built", False):
+            raise ValueError(
+                f"LayerWatch needs a built model; model '{model.name}' has not been built. "
+                "Call it on a batch (or model.build(input_shape)) before fit.")
+        return [(tuple(p.shape[1:]), "float32" if p.dtype.kind == "f" else str(p.dtype))
+                for p in probes]
+    return [(tuple(x.shape[1:]), str(x.dtype)) for x in inputs]
+
+
+def build_extractor(model: keras.Model, layers: LayerSelector,
+                    specs: Sequence[tuple[tuple[Any, ...], str]]
                     ) -> tuple[keras.Model, list[Tap]]:
-    """A model from the probe input to each recorded tensor, and what it taps.
+    """A model from the probe inputs to each recorded tensor, and what it taps.
 
-    For a conv layer with a linear activation whose output feeds only a
-    standalone nonlinearity (directly or through BatchNormalization), the
-    nonlinearity's output is recorded instead; ``Tap.chain`` says so.
+    ``specs`` are the inputs' (shape, dtype) (:func:`input_spec`). For a conv
+    layer with a linear activation whose output feeds only a standalone
+    nonlinearity (directly or through BatchNormalization), the nonlinearity's
+    output is recorded instead; ``Tap.chain`` says so. Layers of a subclassed
+    model are captured as its ``call`` runs (their own outputs). A selected
+    layer that never runs on the probes is left out, with one warning naming it.
     """
     selected = select_layers(model, layers)
-    model_input = _single_input(model)
-    x = keras.Input(shape=model_input.shape[1:], dtype=model_input.dtype)
+    xs = [keras.Input(shape=shape, dtype=dtype) for shape, dtype in specs]
+    feed = xs[0] if len(xs) == 1 else xs
 
     calls: list[tuple[keras.layers.Layer, list[int], Any]] = []
+    origin: dict[int, frozenset] = {id(x): frozenset([i]) for i, x in enumerate(xs)}
 
     def on_call(layer, args, out):
         ids = [id(t) for t in keras.tree.flatten(args)]
+        came_from = frozenset().union(*(origin.get(i, frozenset()) for i in ids))
+        for tensor in keras.tree.flatten(out):
+            origin[id(tensor)] = came_from
         calls.append((layer, ids, out))
 
-    _trace(model, x, on_call)
+    if is_graph_model(model):
+        _trace(model, feed, on_call)
+    else:
+        _Capture.run(model, feed, on_call, wanted={id(layer) for _, layer in selected})
 
     consumers: dict[int, list[int]] = {}
     for index, (_, ids, _) in enumerate(calls):
@@ -199,22 +275,94 @@ def build_extractor(model: keras.Model, layers: LayerSelector
     for index, (layer, _, _) in enumerate(calls):
         first_call.setdefault(id(layer), index)
 
-    taps, outputs, used_keys = [], [], set()
+    taps, outputs, used_keys, skipped = [], [], set(), []
     for path, layer in selected:
         if id(layer) not in first_call:
-            raise ValueError(
-                f"Layer '{path}' is not called on the model's input path, so it has no "
-                "output to record. Choose another layer with layers=.")
+            skipped.append(path)
+            continue
         index = first_call[id(layer)]
         chain = [layer.name]
         if activation_name(layer) == "linear" and isinstance(layer, CONV_TYPES):
             index, chain = _follow_nonlinearity(calls, consumers, index, chain)
         recorded, _, out = calls[index]
+        if isinstance(out, (list, tuple)):  # a layer with several outputs: its first
+            out = out[0]
         key = _unique_key(path.replace("/", "."), used_keys)
-        taps.append(Tap(key=key, layer=layer, recorded=recorded, chain=chain, path=path))
+        came_from = origin.get(id(out)) or frozenset([0])
+        taps.append(Tap(key=key, layer=layer, recorded=recorded, chain=chain, path=path,
+                        input_index=min(came_from)))
         outputs.append(out)
-    extractor = keras.Model(x, outputs, name=f"{model.name}_layerwatch")
+    if skipped:
+        warnings.warn(
+            f"layerwatch: {', '.join(skipped)} never ran on the probes (not on the path from "
+            f"the model's inputs through its call), so there is no output to record; "
+            f"recording the other {len(taps)} layer(s).", RuntimeWarning, stacklevel=3)
+    if not taps:
+        raise ValueError(
+            f"None of the layers chosen in model '{model.name}' runs on the probes, so there "
+            "is nothing to record. Choose layers with layers=.")
+    extractor = keras.Model(feed, outputs, name=f"{model.name}_layerwatch")
     return extractor, taps
+
+
+class _Capture(keras.layers.Layer):
+    """Runs a subclassed model and hands back its output and its layers' outputs.
+
+    While this layer's ``call`` runs, each watched layer of the model has its
+    ``call`` wrapped to keep what it computed (its first call); the wrapping is
+    undone before ``call`` returns, so training never runs through it. Called
+    on ``keras.Input``s it gives the extractor its outputs; the compiled probe
+    function (and TensorFlow's fused train step) then traces it once.
+    """
+
+    def __init__(self, model: keras.Model, layers: Sequence[keras.layers.Layer], **kwargs):
+        super().__init__(name=f"{model.name}_capture", **kwargs)
+        self.inner = model
+        self._watched = list(layers)
+
+    def call(self, inputs):
+        found: dict[int, Any] = {}
+        output = _Capture.calling(self.inner, inputs, self._watched,
+                                  lambda layer, out: found.setdefault(id(layer), out))
+        return [output] + [found[id(layer)] for layer in self._watched]
+
+    @staticmethod
+    def calling(model, inputs, layers, seen):
+        """``model(inputs)`` in inference mode, telling ``seen(layer, output)``
+        of every call of the given layers."""
+        originals = []
+        for layer in layers:
+            original = layer.call
+
+            def call(*args, _layer=layer, _original=original, **kwargs):
+                out = _original(*args, **kwargs)
+                seen(_layer, out)
+                return out
+
+            layer.call = call
+            originals.append(layer)
+        try:
+            return model(inputs, training=False)
+        finally:
+            for layer in originals:
+                layer.__dict__.pop("call", None)  # the class's own call again
+
+    @classmethod
+    def run(cls, model, inputs, on_call, wanted=None):
+        """Call the subclassed ``model`` on symbolic ``inputs`` through a
+        :class:`_Capture`, telling ``on_call(layer, args, output)`` of each
+        layer that ran (``wanted``: ids of the layers to watch; default all);
+        returns the model's output."""
+        layers = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+                  if not isinstance(layer, (keras.Model, keras.layers.InputLayer))
+                  and (wanted is None or id(layer) in wanted)]
+        ran: list[keras.layers.Layer] = []
+        cls.calling(model, inputs, layers,
+                    lambda layer, out: ran.append(layer) if layer not in ran else None)
+        outs = cls(model, ran)(inputs)
+        for layer, out in zip(ran, outs[1:]):
+            on_call(layer, tuple(keras.tree.flatten(inputs)), out)
+        return outs[0]
 
 
 def _follow_nonlinearity(calls, consumers, index, chain):
@@ -245,6 +393,12 @@ def _unique_key(key: str, used: set[str]) -> str:
     return candidate
 
 
+def _inputs_of(extractor: keras.Model):
+    """The extractor's input, or its list of inputs (a multi-input model)."""
+    inputs = extractor.inputs
+    return inputs[0] if len(inputs) == 1 else list(inputs)
+
+
 def build_gram_extractor(extractor: keras.Model) -> keras.Model:
     """A model from the input to each tapped tensor's probe Gram matrix.
 
@@ -256,7 +410,7 @@ def build_gram_extractor(extractor: keras.Model) -> keras.Model:
     for out in extractor.outputs:
         flat = keras.ops.reshape(keras.ops.cast(out, "float32"), (-1, _features(out)))
         grams.append(keras.ops.matmul(flat, keras.ops.transpose(flat)))
-    return keras.Model(extractor.inputs[0], grams, name=f"{extractor.name}_gram")
+    return keras.Model(_inputs_of(extractor), grams, name=f"{extractor.name}_gram")
 
 
 def _features(tensor) -> int:
@@ -279,16 +433,53 @@ def select_channels(extractor: keras.Model, channels: Sequence[Sequence[int] | N
         if keep is not None:
             out = keras.ops.take(out, keras.ops.convert_to_tensor(list(keep), "int32"), axis=axis)
         outputs.append(out)
-    return keras.Model(extractor.inputs[0], outputs, name=f"{extractor.name}_channels")
+    return keras.Model(_inputs_of(extractor), outputs, name=f"{extractor.name}_channels")
 
 
-def cast_outputs(extractor: keras.Model, dtype: str) -> keras.Model:
-    """The extractor with every output cast to ``dtype`` (inside the compiled
-    function), or the extractor itself if its outputs already are."""
-    if all(str(out.dtype) == str(dtype) for out in extractor.outputs):
+#: The largest finite float16.
+FLOAT16_MAX = 65504.0
+
+
+def cast_outputs(extractor: keras.Model, dtype: str | Sequence[str]) -> keras.Model:
+    """The extractor with output ``i`` cast to ``dtype[i]`` (or every output to
+    ``dtype``) inside the compiled function, or the extractor itself if its
+    outputs already have those dtypes.
+
+    A cast to float16 from a wider float saturates finite values at ±65504
+    (float16's largest), so a finite activation is never stored as ±inf; inf
+    and NaN stay what they are.
+    """
+    dtypes = [dtype] * len(extractor.outputs) if isinstance(dtype, str) else list(dtype)
+    if all(str(out.dtype) == str(d) for out, d in zip(extractor.outputs, dtypes)):
         return extractor
-    outputs = [keras.ops.cast(out, dtype) for out in extractor.outputs]
-    return keras.Model(extractor.inputs[0], outputs, name=f"{extractor.name}_{dtype}")
+    outputs = [_cast(out, d) for out, d in zip(extractor.outputs, dtypes)]
+    name = dtypes[0] if len(set(dtypes)) == 1 else "mixed"
+    return keras.Model(_inputs_of(extractor), outputs, name=f"{extractor.name}_{name}")
+
+
+def _cast(tensor, dtype: str):
+    if str(tensor.dtype) == str(dtype):
+        return tensor
+    if str(dtype) == "float16" and str(tensor.dtype) in ("float32", "float64", "bfloat16"):
+        ops = keras.ops
+        tensor = ops.where(ops.isfinite(tensor), ops.clip(tensor, -FLOAT16_MAX, FLOAT16_MAX),
+                           tensor)
+    return keras.ops.cast(tensor, dtype)
+
+
+def storage_dtypes(taps: Sequence[Tap], outputs: Sequence[Any], dtype: str) -> list[str]:
+    """Per tap, how its tensor is stored under ``dtype`` ("auto", "float16", "float32").
+
+    ``"auto"`` stores float16 only where that loses no range: the recorded
+    tensor is bounded (:data:`BOUNDED_RANGES`: tanh, sigmoid, softsign, ReLU6,
+    …) or is float16 already (mixed precision); everything else — ReLU,
+    linear, BatchNorm outputs, which an untrained network can push past
+    float16's 65504 — is stored as float32.
+    """
+    if dtype != "auto":
+        return [dtype] * len(taps)
+    return ["float16" if tap.activation in BOUNDED_RANGES or str(out.dtype) == "float16"
+            else "float32" for tap, out in zip(taps, outputs)]
 
 
 def probe_function(model: keras.Model, extractor: keras.Model) -> Callable[[Any], Any]:

@@ -55,7 +55,7 @@ class FusedProbePass:
         self._model = model
         self.recorder = recorder
         self._plain = model.train_function
-        constant = tf.constant(probes)
+        constant = tf.nest.map_structure(tf.constant, probes)  # an array, or one per input
 
         def step(data):
             # Before the train step in program order: TensorFlow's automatic

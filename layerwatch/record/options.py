@@ -11,11 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from .probes import check_probes
+from .probes import check_probe_set, probe_arrays, probe_count
 
 MODES = ("new", "append", "overwrite")
 CHANNEL_SELECTIONS = ("first", "variance")
 COMPRESSIONS = ("gzip", "lzf", None)
+DTYPES = ("auto", "float16", "float32")
 
 
 def _is_int(value: Any) -> bool:
@@ -32,20 +33,26 @@ def check_every(every: Any) -> tuple[int, bool]:
     return int(every), False
 
 
-def check_analysis_probes(analysis_probes: Any, probes: np.ndarray) -> np.ndarray | None:
+def check_analysis_probes(analysis_probes: Any, probes: Any) -> Any:
+    """Analysis probes structured like ``probes`` (per input), at least 2 of them."""
     if analysis_probes is None:
         return None
-    checked = check_probes(analysis_probes, name="analysis_probes")
-    if len(checked) < 2 or checked.shape[1:] != probes.shape[1:]:
+    checked = check_probe_set(analysis_probes, name="analysis_probes")
+    ours, theirs = probe_arrays(probes), probe_arrays(checked)
+    if probe_count(checked) < 2 or len(ours) != len(theirs) or any(
+            a.shape[1:] != b.shape[1:] for a, b in zip(ours, theirs)):
+        wanted = ", ".join(str(a.shape[1:]) for a in ours)
+        got = ", ".join(str(a.shape) for a in theirs)
         raise ValueError(
-            "analysis_probes must hold at least 2 inputs shaped like the probes "
-            f"{probes.shape[1:]}. Received: analysis_probes.shape={checked.shape}")
+            f"analysis_probes must hold at least 2 inputs shaped like the probes {wanted}. "
+            f"Received: analysis_probes.shape={got}")
     return checked
 
 
 def check_recording_options(*, analysis_every: Any, max_channels: Any, channel_selection: Any,
                             budget: Any, auto_every: bool, dtype: Any, compression: Any,
-                            flush_seconds: Any, flush_snapshots: Any) -> None:
+                            flush_seconds: Any, flush_snapshots: Any,
+                            disk_budget: Any = None) -> None:
     """Raise ValueError naming the first argument that is out of range."""
     if not (_is_int(analysis_every) and analysis_every >= 1):
         raise ValueError("analysis_every must be an integer >= 1. Received: "
@@ -60,10 +67,14 @@ def check_recording_options(*, analysis_every: Any, max_channels: Any, channel_s
             budget, (int, float)) or not 0 < budget < 1):
         raise ValueError("budget must be a share of step time between 0 and 1 (e.g. 0.2), "
                          f"or None. Received: budget={budget!r}")
+    if disk_budget is not None and (isinstance(disk_budget, bool) or not isinstance(
+            disk_budget, (int, float)) or not disk_budget > 0):
+        raise ValueError("disk_budget must be a number of bytes > 0 (e.g. 2e9), or None. "
+                         f"Received: disk_budget={disk_budget!r}")
     if auto_every and budget is None:
         raise ValueError("every='auto' needs a budget to aim for. Received: budget=None")
-    if np.dtype(dtype) not in (np.float16, np.float32):
-        raise ValueError(f"dtype must be 'float16' or 'float32'. Received: dtype={dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}. Received: dtype={dtype!r}")
     if compression not in COMPRESSIONS:
         raise ValueError("compression must be 'gzip', 'lzf' or None. "
                          f"Received: compression={compression!r}")

@@ -1,10 +1,10 @@
 """The probe pass: the model's recorded tensors for the fixed probes, built once per model.
 
-:class:`ProbePass` checks the probes against the model, builds the extractor
-(:mod:`~layerwatch.record.extractor`), keeps the chosen channels
-(:mod:`~layerwatch.record.channels`), casts to the storage dtype inside the
-compiled function, and runs it: ``snapshot()`` is one compiled, inference-mode
-call, never ``model.predict()``.
+:class:`ProbePass` checks the probes against the model's inputs, builds the
+extractor (:mod:`~layerwatch.record.extractor`), keeps the chosen channels
+(:mod:`~layerwatch.record.channels`), casts to each layer's storage dtype
+inside the compiled function, and runs it: ``snapshot()`` is one compiled,
+inference-mode call, never ``model.predict()``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import keras
 import numpy as np
 
 from .channels import channel_axis, choose_channels
-from .extractor import (LayerSelector, Tap, build_extractor, build_gram_extractor, cast_outputs,
-                        input_spec, probe_function, select_channels)
+from .extractor import (LayerSelector, Tap, arrange_probes, build_extractor, build_gram_extractor,
+                        cast_outputs, input_names, input_spec, probe_function, select_channels,
+                        storage_dtypes)
 
 
 class ProbePass:
@@ -24,30 +25,44 @@ class ProbePass:
 
     Attributes
     ----------
-    x, xa : numpy arrays
-        The probes (and analysis probes, or None) in the model's input dtype.
+    inputs : list of numpy arrays
+        The probes, one array per model input, in the input's dtype.
+    names : list of str
+        The model's input names, in the same order.
+    feed : array or list of arrays
+        What the probe function takes: ``inputs[0]`` for a one-input model.
+    analysis_feed : array, list of arrays, or None
+        The analysis probes, likewise.
     taps : list of Tap
         What each output records.
     channels, totals : lists
         Per tap, the kept channel indices (None: all) and the layer's channel count.
+    dtypes : list of str
+        Per tap, the dtype it is stored as
+        (:func:`~layerwatch.record.extractor.storage_dtypes`).
     recorder : keras.Model
-        From the probe input to the recorded tensors, channels cut and cast:
+        From the probe inputs to the recorded tensors, channels cut and cast:
         what the fused train step (:mod:`~layerwatch.record.fused`) runs.
     """
 
-    def __init__(self, model: keras.Model, probes: np.ndarray, *, layers: LayerSelector,
+    def __init__(self, model: keras.Model, probes: Any, *, layers: LayerSelector,
                  dtype: str, max_channels: int | None, channel_selection: str,
-                 analysis_probes: np.ndarray | None = None,
+                 analysis_probes: Any = None,
                  stored_channels: Callable[[list[Tap]], dict[int, Any] | None] | None = None):
         self.model = model
-        shape, input_dtype = input_spec(model)
-        _check_fit(model, probes, shape)
-        self.x = np.asarray(probes, dtype=input_dtype)
-        extractor, self.taps = build_extractor(model, layers)
+        arrays = arrange_probes(model, probes)
+        specs = input_spec(model, arrays)
+        _check_fit(model, arrays, specs)
+        self.inputs = [np.asarray(a, dtype=d) for a, (_, d) in zip(arrays, specs)]
+        self.names = input_names(model, len(self.inputs))
+        self.feed = _feed(self.inputs)
+        extractor, self.taps = build_extractor(model, layers, specs)
         self._grams: Callable[[Any], Any] | None = None
-        self.xa = None
+        self.analysis_feed = None
         if analysis_probes is not None:
-            self.xa = np.asarray(analysis_probes, dtype=input_dtype)
+            extra = arrange_probes(model, analysis_probes)
+            _check_fit(model, extra, specs, name="analysis_probes")
+            self.analysis_feed = _feed([np.asarray(a, dtype=d) for a, (_, d) in zip(extra, specs)])
             self._grams = probe_function(model, build_gram_extractor(extractor))
         axes = [channel_axis(tap.layer, len(out.shape))
                 for tap, out in zip(self.taps, extractor.outputs)]
@@ -56,13 +71,27 @@ class ProbePass:
         self.channels = choose_channels(
             self.totals, axes, max_channels, channel_selection,
             stored=stored_channels(self.taps) if stored_channels is not None else None,
-            outputs=lambda: _numpy(full(self.x)))
+            outputs=lambda: _numpy(full(self.feed)))
         recorder = extractor
         if any(c is not None for c in self.channels):
             recorder = select_channels(recorder, self.channels, axes)
-        # Stored as float16: converted where computed, not by NumPy in the writer.
-        self.recorder = cast_outputs(recorder, dtype)
+        # Converted where computed, not by NumPy in the writer.
+        self.dtypes = storage_dtypes(self.taps, extractor.outputs, dtype)
+        self.recorder = cast_outputs(recorder, self.dtypes)
         self._predict = probe_function(model, self.recorder)
+
+    @property
+    def count(self) -> int:
+        """How many probes there are."""
+        return len(self.inputs[0])
+
+    @property
+    def analysis_count(self) -> int:
+        """How many analysis probes there are (0 without any)."""
+        if self.analysis_feed is None:
+            return 0
+        return len(self.analysis_feed[0] if isinstance(self.analysis_feed, list)
+                   else self.analysis_feed)
 
     @property
     def kept_channels(self) -> list[int]:
@@ -71,11 +100,15 @@ class ProbePass:
 
     def snapshot(self) -> list[np.ndarray]:
         """The recorded tensors of the probes now, one array per tap."""
-        return _numpy(self._predict(self.x))
+        return _numpy(self._predict(self.feed))
 
     def grams(self) -> list[np.ndarray] | None:
         """The analysis probes' Gram matrices now, one per tap (None without analysis probes)."""
-        return None if self._grams is None else _numpy(self._grams(self.xa))
+        return None if self._grams is None else _numpy(self._grams(self.analysis_feed))
+
+
+def _feed(arrays: list[np.ndarray]) -> Any:
+    return arrays[0] if len(arrays) == 1 else arrays
 
 
 def _numpy(outputs: Any) -> list[np.ndarray]:
@@ -84,16 +117,23 @@ def _numpy(outputs: Any) -> list[np.ndarray]:
     return [keras.ops.convert_to_numpy(o) for o in outputs]
 
 
-def _check_fit(model: keras.Model, probes: np.ndarray, shape: tuple) -> None:
-    received = probes.shape[1:]
-    if len(shape) == len(received) and all(
-            want is None or want == got for want, got in zip(shape, received)):
-        return
-    expected = ("probes",) + tuple("any" if s is None else s for s in shape)
-    hint = "Pass a batch of inputs shaped like one training batch."
-    if len(probes.shape) == len(shape) and all(
-            want is None or want == got for want, got in zip(shape, probes.shape)):
-        hint = "That looks like one input without the batch axis: use probes[None]."
-    raise ValueError(
-        f"probes do not fit model '{model.name}'. Expected shape {expected}; "
-        f"received: probes.shape={probes.shape}. {hint}")
+def _check_fit(model: keras.Model, arrays: list[np.ndarray], specs: list, *,
+               name: str = "probes") -> None:
+    counts = {len(a) for a in arrays}
+    if len(counts) != 1:
+        raise ValueError(f"{name} must hold the same number of probes for every input of "
+                         f"model '{model.name}'. Received: {[len(a) for a in arrays]}")
+    for i, (array, (shape, _)) in enumerate(zip(arrays, specs)):
+        label = name if len(arrays) == 1 else f"{name}[{i}]"
+        received = array.shape[1:]
+        if len(shape) == len(received) and all(
+                want is None or want == got for want, got in zip(shape, received)):
+            continue
+        expected = ("probes",) + tuple("any" if s is None else s for s in shape)
+        hint = "Pass a batch of inputs shaped like one training batch."
+        if len(array.shape) == len(shape) and all(
+                want is None or want == got for want, got in zip(shape, array.shape)):
+            hint = f"That looks like one input without the batch axis: use {label}[None]."
+        raise ValueError(
+            f"{label} do not fit model '{model.name}'. Expected shape {expected}; "
+            f"received: {label}.shape={array.shape}. {hint}")

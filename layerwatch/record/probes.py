@@ -118,3 +118,45 @@ def check_labels(labels: Any, count: int) -> np.ndarray | None:
         raise ValueError(f"probe_labels must have one label per probe ({count}). "
                          f"Received: {len(ids)} labels")
     return ids
+
+
+def check_probe_set(probes: Any, *, name: str = "probes") -> Any:
+    """Probes for a one-input model (an array), or for a multi-input model a
+    tuple, list or dict of arrays — one per input, each with the same number
+    of probes.
+
+    A list of equally shaped arrays is stacked into one array (a list of
+    images); :func:`layerwatch.record.extractor.arrange_probes` splits it
+    again if the model turns out to take that many inputs.
+    """
+    if isinstance(probes, dict):
+        if not probes:
+            raise ValueError(f"{name} is an empty dict: give one array per model input.")
+        checked: Any = {str(k): check_probes(v, name=f"{name}[{k!r}]") for k, v in probes.items()}
+    elif isinstance(probes, tuple) or isinstance(probes, list) and len(probes) > 1 and all(
+            isinstance(p, np.ndarray) and p.ndim >= 2 for p in probes) and len(
+            {p.shape for p in probes}) > 1:
+        checked = [check_probes(p, name=f"{name}[{i}]") for i, p in enumerate(probes)]
+    else:
+        return check_probes(probes, name=name)
+    counts = {len(a) for a in probe_arrays(checked)}
+    if len(counts) != 1:
+        raise ValueError(f"{name} must hold the same number of probes for every input. "
+                         f"Received: {sorted(counts)}")
+    return checked
+
+
+def probe_count(probes: Any) -> int:
+    """How many probes a :func:`check_probe_set` result holds."""
+    if isinstance(probes, dict):
+        return len(next(iter(probes.values())))
+    if isinstance(probes, list):
+        return len(probes[0])
+    return len(probes)
+
+
+def probe_arrays(probes: Any) -> list[np.ndarray]:
+    """The arrays of a :func:`check_probe_set` result, in order."""
+    if isinstance(probes, dict):
+        return list(probes.values())
+    return list(probes) if isinstance(probes, list) else [probes]

@@ -19,10 +19,12 @@ from .extractor import BOUNDED_RANGES, Tap
 
 
 def layer_specs(taps: Sequence[Tap], arrays: Sequence[np.ndarray],
-                channels: Sequence[np.ndarray | None], totals: Sequence[int]) -> list[LayerSpec]:
-    """One :class:`LayerSpec` per tap, shaped like its recorded ``arrays`` (probes first)."""
+                channels: Sequence[np.ndarray | None], totals: Sequence[int],
+                dtypes: Sequence[str], inputs: Sequence[str]) -> list[LayerSpec]:
+    """One :class:`LayerSpec` per tap, shaped like its recorded ``arrays`` (probes
+    first); ``inputs`` are the model's input names (one: no ``probe_input``)."""
     specs = []
-    for tap, array, kept, total in zip(taps, arrays, channels, totals):
+    for tap, array, kept, total, dtype in zip(taps, arrays, channels, totals, dtypes):
         data_format = getattr(tap.layer, "data_format", None) \
             or keras.config.image_data_format()
         attrs = layer_attrs(
@@ -32,8 +34,10 @@ def layer_specs(taps: Sequence[Tap], arrays: Sequence[np.ndarray],
             recorded_class=type(tap.recorded).__name__, data_format=data_format,
             channel_axis=0 if data_format == "channels_first" else array.ndim - 2,
             value_range=BOUNDED_RANGES.get(tap.activation),
-            channels=kept, channels_total=total if kept is not None else None)
-        specs.append(LayerSpec(key=tap.key, shape=tuple(array.shape[1:]), attrs=attrs))
+            channels=kept, channels_total=total if kept is not None else None,
+            probe_input=inputs[tap.input_index] if len(inputs) > 1 else None)
+        specs.append(LayerSpec(key=tap.key, shape=tuple(array.shape[1:]), attrs=attrs,
+                               dtype=dtype))
     return specs
 
 

@@ -100,7 +100,7 @@ class LayerPanel:
         self.measured_range = value_range is None and layer.value_range is None
         self.vmin, self.vmax = color_range(run, layer, value_range, self.n)
         self.max_channels = max_channels
-        self._probes = run.probes_x()
+        self._probes = run.probes_for(layer)
         self._index = {int(s): i for i, s in enumerate(self.steps)}
         self._caption_sample = caption_sample or self._widest_caption()
         self._layouts: dict[int, _layout.FrameLayout] = {}

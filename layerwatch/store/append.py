@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .files import open_for_writing
+from .closing import Handles, abandon, finish
+from .files import h5_reason, open_for_writing
 from .reader import Run, open_run
 from .repair import repair_run, steps_after, truncate
 from .schema import (ANALYSIS, ANALYSIS_STEPS, METRIC_GROUPS, METRICS, STATUS, STATUS_RECORDING,
@@ -28,7 +29,6 @@ class AppendError(RecordingError, ValueError):
 class Resumed:
     """Where an appended recording stands once it is ready to continue."""
 
-    storage_dtype: str
     last_step: int | None      #: the newest snapshot kept
     last_analysis: int | None  #: the newest analysis step kept
 
@@ -71,30 +71,34 @@ def prepare_append(path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarr
     """
     with open_run(path) as run:
         check_appendable(run, layers, probes_x, probes_y, analysis_probes)
-        stored_dtype = run.storage_dtype
         needs_repair = not run.closed_cleanly
     if needs_repair:
         repair_run(path)
     f = open_for_writing(path)
+    node = Handles(f)
     try:
-        keep, last_step = steps_after(f, from_step)
-        held = f[ANALYSIS_STEPS][:] if ANALYSIS in f else np.zeros(0, dtype=np.int64)
+        keep, last_step = steps_after(node, from_step)
+        held = node(ANALYSIS_STEPS)[:] if ANALYSIS in f else np.zeros(0, dtype=np.int64)
         analysis_rows = int(np.searchsorted(held, from_step, side="right"))
-        held_snapshots = f[STEPS].shape[0]
+        held_snapshots = node(STEPS).shape[0]
         if keep < held_snapshots:
             warnings.warn(
                 f"The recording {path} holds {held_snapshots - keep} snapshot(s) after "
                 f"step {from_step}, where training resumes; they are dropped so steps stay "
                 "in order.", stacklevel=4)
-            rows = {group: int(np.searchsorted(f[METRICS][group][index[-1]][:], from_step,
-                                               side="right"))
+            rows = {group: int(np.searchsorted(node(f"{METRICS}/{group}/{index[-1]}")[:],
+                                               from_step, side="right"))
                     for group, index in METRIC_GROUPS.items()}
-            truncate(f, keep, metric_rows=rows, analysis_rows=analysis_rows)
-        f[STATUS][0] = STATUS_RECORDING
+            truncate(node, keep, metric_rows=rows, analysis_rows=analysis_rows)
+        node(STATUS)[0] = STATUS_RECORDING
         last_analysis = int(held[analysis_rows - 1]) if analysis_rows else None
-    finally:
-        f.close()
-    return Resumed(storage_dtype=stored_dtype, last_step=last_step, last_analysis=last_analysis)
+    except BaseException:
+        abandon(f)
+        raise
+    error = finish(f, node)
+    if error is not None:
+        raise RecordingError(f"Cannot write {path}: {h5_reason(error)}") from error
+    return Resumed(last_step=last_step, last_analysis=last_analysis)
 
 
 def _describe_layers(layers: dict[str, tuple[int, ...]]) -> str:

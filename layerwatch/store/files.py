@@ -15,7 +15,8 @@ import h5py
 
 from layerwatch.text import printable
 
-from .schema import RecordingError
+from .closing import abandoned_here
+from .schema import STATUS, STATUS_RECORDING, RecordingError
 
 
 def open_for_writing(path: str) -> h5py.File:
@@ -39,6 +40,12 @@ def open_for_reading(path: str) -> h5py.File:
         raise RecordingError(f"Cannot read {path}: {h5_reason(exc)}") from exc
     if not is_hdf5:
         raise RecordingError(f"{path} is not an HDF5 file (not a layerwatch recording).")
+    if abandoned_here(path):
+        # This process could not finish writing it: read what is on disk.
+        try:
+            return _open_swmr(path, apart=True)
+        except Exception as exc:
+            raise RecordingError(f"{path} is damaged or unreadable: {h5_reason(exc)}") from exc
     # A closed file opens plainly. A file a writer holds (live) or held when it
     # was killed is flagged open-for-write and needs SWMR reading.
     try:
@@ -46,8 +53,20 @@ def open_for_reading(path: str) -> h5py.File:
     except Exception as exc:
         first = exc
     if "truncated file" in str(first):
-        # Shorter than its own superblock says. SWMR reading would open it
-        # anyway (a live file may grow) and show whatever the cut left.
+        # Shorter than its own superblock says. A writer that could not extend
+        # the file (a full disk, a file-size limit) leaves it so: HDF5 counted
+        # the space of a write that failed. Its status still says recording,
+        # and SWMR reading (which allows a live file to be shorter) reads what
+        # it committed. A closed recording cut short is damaged: SWMR reading
+        # would show whatever the cut left.
+        try:
+            f = _open_swmr(path)
+        except Exception:
+            f = None
+        if f is not None and _says_recording(f):
+            return f
+        if f is not None:
+            f.close()
         raise RecordingError(f"{path} is damaged or unreadable: {h5_reason(first)}") from first
     try:
         return _open_swmr(path)
@@ -63,10 +82,26 @@ def open_for_reading(path: str) -> h5py.File:
     raise RecordingError(f"{path} is damaged or unreadable: {h5_reason(first)}")
 
 
-def _open_swmr(path: str, *, disable_locking: bool = True) -> h5py.File:
+def _says_recording(f: h5py.File) -> bool:
+    """Whether ``f`` holds a well-formed ``status`` of STATUS_RECORDING."""
+    try:
+        ds = f.get(STATUS)
+        return isinstance(ds, h5py.Dataset) and ds.shape == (1,) and ds.dtype.kind in "iu" \
+            and ds.dtype.itemsize <= 8 and int(ds[0]) == STATUS_RECORDING
+    except Exception:
+        return False
+
+
+def _open_swmr(path: str, *, disable_locking: bool = True, apart: bool = False) -> h5py.File:
     """Open for SWMR reading with bounded retries; ``disable_locking=False``
-    keeps HDF5's default file locking (what h5py and the writer use)."""
+    keeps HDF5's default file locking (what h5py and the writer use).
+
+    ``apart``: through HDF5's "log" driver (the default sec2 driver, logging
+    nothing), which HDF5 does not match with the same file opened through
+    sec2 in this process: a separate open of what is on disk."""
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    if apart:
+        fapl.set_fapl_log(os.fsencode(os.devnull), 0, 0)
     if disable_locking:
         fapl.set_file_locking(False, True)
     _limit_read_attempts(fapl)

@@ -21,12 +21,14 @@ import numpy as np
 
 from layerwatch.text import printable
 
+from .closing import abandoned_here
 from .files import h5_reason, open_for_reading
 from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_PROBES, ANALYSIS_STEPS,
-                     ATTR_FLUSH_SECONDS, ATTR_STORAGE_DTYPE, ATTR_WRITER_HOST, ATTR_WRITER_PID,
-                     EPOCHS, HEARTBEAT, META, METRIC_GROUPS, METRIC_NAMES, METRIC_VALUES, METRICS,
-                     PER_SNAPSHOT, PROBES_X, PROBES_Y, STATUS, STATUS_COMPLETE, STATUS_RECORDING,
-                     STEPS, WALL_TIME, RecordingError)
+                     ATTR_FLUSH_SECONDS, ATTR_INPUT_INDEX, ATTR_STORAGE_DTYPE, ATTR_WRITER_HOST,
+                     ATTR_WRITER_PID, EPOCHS, HEARTBEAT, META, METRICS, METRIC_GROUPS, METRIC_NAMES,
+                     METRIC_VALUES, PER_SNAPSHOT, PROBES_X, PROBES_Y, PROBE_INPUTS, STATUS,
+                     STATUS_COMPLETE, STATUS_RECORDING, STEPS, STORAGE_DTYPES, WALL_TIME,
+                     RecordingError)
 from .validate import MAX_ATTRS, MAX_RANK, MAX_SNAPSHOT_ELEMENTS, Checker, LayerInfo, attr
 
 _MAX_TEXT_BYTES = 64 * 1024 * 1024
@@ -140,8 +142,10 @@ class Run:
 
     @property
     def storage_dtype(self) -> str:
+        """``"float16"`` or ``"float32"`` (every layer), or ``"auto"`` (see each
+        :attr:`LayerInfo.dtype`)."""
         value = attr(self._f, ATTR_STORAGE_DTYPE)
-        return value if value in ("float16", "float32", "float64") else "float16"
+        return value if value in STORAGE_DTYPES + ("float64",) else "float16"
 
     def text(self, name: str) -> str | None:
         """A JSON/text document from ``/meta`` (``model_config``, ``summary``)."""
@@ -225,12 +229,33 @@ class Run:
                 and host == socket.gethostname():
             if not _process_exists(pid):
                 return "gone"
+            if pid == os.getpid() and abandoned_here(self.path):
+                return "stalled"  # this process stopped writing it after a write failed
             return "stalled" if silent else "live"
         return "gone" if silent else "unknown"
 
     def probes_x(self) -> np.ndarray:
         with self._reading():
             return self._f[PROBES_X][()]
+
+    def probe_inputs(self) -> dict[str, np.ndarray]:
+        """A multi-input model's probes, input name → array, in input order
+        (empty for a one-input model: :meth:`probes_x` is its only input)."""
+        with self._reading():
+            if PROBE_INPUTS not in self._f:
+                return {}
+            group = self._f[PROBE_INPUTS]
+            names = sorted(group, key=lambda n: (attr(group[n], ATTR_INPUT_INDEX) or 0, n))
+            return {printable(n): group[n][()] for n in names}
+
+    def probes_for(self, layer: LayerInfo) -> np.ndarray:
+        """The probes the layer's activations come from: its own input's on a
+        multi-input model, :meth:`probes_x` otherwise."""
+        if layer.probe_input is not None:
+            found = self.probe_inputs().get(layer.probe_input)
+            if found is not None:
+                return found
+        return self.probes_x()
 
     def probes_y(self) -> np.ndarray | None:
         with self._reading():
@@ -432,9 +457,9 @@ class Run:
         """Rows of each metric table whose commit index has been written."""
         return {group: self._metric_rows(group) for group in METRIC_GROUPS}
 
-    def copy_to(self, path: str) -> None:
-        """Copy the whole file, as it is on disk, into a new HDF5 file at ``path``."""
-        with self._reading(), h5py.File(path, "w", libver="latest") as dst:
+    def copy_into(self, dst: h5py.File) -> None:
+        """Copy the whole file, as it is on disk, into the empty HDF5 file ``dst``."""
+        with self._reading():
             for key in self._f.attrs:
                 dst.attrs[key] = self._f.attrs[key]
             for name in self._f:

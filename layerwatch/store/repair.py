@@ -12,28 +12,36 @@ import os
 import h5py
 import numpy as np
 
-from .files import temporary_beside
+from .closing import Handles, abandoned_here, finish
+from .files import h5_reason, temporary_beside
 from .reader import open_run
 from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_STEPS, METRIC_NAMES, METRICS,
                      PER_SNAPSHOT, STATUS, STATUS_RECORDING, STATUS_STOPPED, STEPS, RecordingError)
 
 
-def truncate(f: h5py.File, snapshots: int, *, metric_rows: dict[str, int],
+def truncate(node: Handles, snapshots: int, *, metric_rows: dict[str, int],
              analysis_rows: int) -> None:
     """Cut every per-snapshot dataset to ``snapshots`` rows, each metric table
-    to ``metric_rows[group]`` rows and the analysis Grams to ``analysis_rows``."""
+    to ``metric_rows[group]`` rows and the analysis Grams to ``analysis_rows``.
+    ``node`` opens the file's datasets (and keeps them open until it is flushed)."""
+    f = node.file
+
+    def cut(path: str, rows: int) -> None:
+        ds = node(path)
+        ds.resize(min(rows, ds.shape[0]), axis=0)
+
     for name in PER_SNAPSHOT:
-        f[name].resize(snapshots, axis=0)
-    for ds in f[ACTIVATIONS].values():
-        ds.resize(min(snapshots, ds.shape[0]), axis=0)
+        node(name).resize(snapshots, axis=0)
+    for key in f[ACTIVATIONS]:
+        cut(f"{ACTIVATIONS}/{key}", snapshots)
     if ANALYSIS in f:
-        f[ANALYSIS_STEPS].resize(analysis_rows, axis=0)
-        for ds in f[ANALYSIS_GRAMS].values():
-            ds.resize(min(analysis_rows, ds.shape[0]), axis=0)
+        node(ANALYSIS_STEPS).resize(analysis_rows, axis=0)
+        for key in f[ANALYSIS_GRAMS]:
+            cut(f"{ANALYSIS_GRAMS}/{key}", analysis_rows)
     for group, count in metric_rows.items():
-        for ds in f[METRICS][group].values():
-            if ds.name.rsplit("/", 1)[-1] != METRIC_NAMES:
-                ds.resize(min(count, ds.shape[0]), axis=0)
+        for name in f[METRICS][group]:
+            if name != METRIC_NAMES:
+                cut(f"{METRICS}/{group}/{name}", count)
 
 
 def repair_run(path: str | os.PathLike) -> bool:
@@ -57,11 +65,13 @@ def repair_run(path: str | os.PathLike) -> bool:
         The file is not a readable recording, or its writer is still running.
     """
     path = os.fspath(path)
-    try:  # closed by its writer (complete or stopped): plain HDF5 opens it already
-        with h5py.File(path, "r", locking=False) as f:
-            closed = int(f[STATUS][0]) != STATUS_RECORDING
-    except Exception:
-        closed = False
+    closed = False
+    if not abandoned_here(path):  # an abandoned file is not closed, nor opened here plainly
+        try:  # closed by its writer (complete or stopped): plain HDF5 opens it already
+            with h5py.File(path, "r", locking=False) as f:
+                closed = int(f[STATUS][0]) != STATUS_RECORDING
+        except Exception:
+            closed = False
     with open_run(path) as run:
         if closed:
             return False
@@ -74,21 +84,29 @@ def repair_run(path: str | os.PathLike) -> bool:
         last = int(run.steps[-1]) if n else -1
         analysis_rows = int(np.searchsorted(run.analysis_steps, last, side="right"))
         tmp = temporary_beside(path, like=path)
+        dst = None
         try:
-            run.copy_to(tmp)
-            with h5py.File(tmp, "r+", libver="latest") as dst:
-                truncate(dst, n, metric_rows=rows, analysis_rows=analysis_rows)
-                if int(dst[STATUS][0]) == STATUS_RECORDING:
-                    dst[STATUS][0] = STATUS_STOPPED
+            dst = h5py.File(tmp, "w", libver="latest")
+            node = Handles(dst)
+            run.copy_into(dst)
+            truncate(node, n, metric_rows=rows, analysis_rows=analysis_rows)
+            if int(node(STATUS)[0]) == STATUS_RECORDING:
+                node(STATUS)[0] = STATUS_STOPPED
+            done, dst = dst, None
+            error = finish(done, node)
+            if error is not None:
+                raise RecordingError(f"Cannot write {tmp}: {h5_reason(error)}") from error
         except BaseException:
+            if dst is not None:  # closed, or abandoned if unwritable
+                finish(dst, node)
             os.unlink(tmp)
             raise
     os.replace(tmp, path)
     return True
 
 
-def steps_after(f: h5py.File, from_step: int) -> tuple[int, int | None]:
+def steps_after(node: Handles, from_step: int) -> tuple[int, int | None]:
     """(snapshots at or before ``from_step``, the last of their steps or None)."""
-    steps = f[STEPS][:]
+    steps = node(STEPS)[:]
     keep = int(np.searchsorted(steps, from_step, side="right"))
     return keep, (int(steps[keep - 1]) if keep else None)

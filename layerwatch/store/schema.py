@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "layerwatch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this layerwatch reads (see docs/FORMAT.md, "Versions").
+READABLE_VERSIONS = (1, 2)
 
 #: Values of the ``status`` dataset.
 STATUS_RECORDING = 0
@@ -33,6 +35,10 @@ HEARTBEAT = "heartbeat"      #: (1,) float64 Unix time of the writer's last flus
 PROBES = "probes"
 PROBES_X = "probes/x"        #: (probes, *input shape) the probe inputs, as the model took them
 PROBES_Y = "probes/y"        #: (probes,) int64 labels, optional
+#: group, multi-input models only: one (probes, *input shape) dataset per model input,
+#: named by the input (``probes/x`` is the first of them)
+PROBE_INPUTS = "probes/inputs"
+ATTR_INPUT_INDEX = "index"   #: on each probes/inputs/<name>: its position among the inputs
 ACTIVATIONS = "activations"  #: group: one (T, probes, *layer shape) dataset per layer
 META = "meta"                #: group: scalar text datasets (model_config, summary)
 METRICS = "metrics"          #: groups batch/ and epoch/
@@ -49,6 +55,8 @@ ANALYSIS_GRAMS = "analysis/gram"  #: group: one (G, n, n) float32 dataset per la
 ATTR_FORMAT = "format"
 ATTR_FORMAT_VERSION = "format_version"
 ATTR_STORAGE_DTYPE = "storage_dtype"
+#: Values of ``storage_dtype``: one dtype for every layer, or each layer's own ("auto").
+STORAGE_DTYPES = ("float16", "float32", "auto")
 ATTR_WRITER_PID = "writer_pid"
 ATTR_WRITER_HOST = "writer_host"
 ATTR_FLUSH_SECONDS = "flush_seconds"
@@ -68,6 +76,8 @@ CHANNEL_AXIS = "channel_axis"
 VALUE_RANGE = "value_range"
 CHANNELS = "channels"
 CHANNELS_TOTAL = "channels_total"
+#: multi-input models: the input (probes/inputs/<name>) a layer is computed from
+PROBE_INPUT = "probe_input"
 
 NAME_DTYPE = "S128"  # fixed-length: variable-length strings are not SWMR-safe
 INDEX_FILL = -1      # fill value of the commit indexes: a row grown but not yet written
@@ -89,12 +99,15 @@ class LayerSpec:
     key: str
     shape: tuple[int, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
+    #: this layer's storage dtype; None: the recording's ``storage_dtype``
+    dtype: str | None = None
 
 
 def layer_attrs(*, layer_name: str, layer_path: str, layer_class: str, activation: str,
                 tensor: str, recorded_layer: str, recorded_class: str, data_format: str,
                 channel_axis: int, value_range: tuple[float, float] | None = None,
-                channels: Any = None, channels_total: int | None = None) -> dict[str, Any]:
+                channels: Any = None, channels_total: int | None = None,
+                probe_input: str | None = None) -> dict[str, Any]:
     """The attributes of one ``activations/<key>`` dataset, by their format names."""
     attrs: dict[str, Any] = {
         LAYER_NAME: layer_name, LAYER_PATH: layer_path, LAYER_CLASS: layer_class,
@@ -106,6 +119,8 @@ def layer_attrs(*, layer_name: str, layer_path: str, layer_class: str, activatio
     if channels is not None:
         attrs[CHANNELS] = np.asarray(channels, dtype=np.int64)
         attrs[CHANNELS_TOTAL] = int(channels_total)
+    if probe_input is not None:
+        attrs[PROBE_INPUT] = probe_input
     return attrs
 
 

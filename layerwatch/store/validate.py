@@ -16,10 +16,11 @@ import numpy as np
 
 from layerwatch.text import printable
 
-from .schema import (ACTIVATION, ACTIVATIONS, ATTR_FORMAT, ATTR_FORMAT_VERSION, CHANNEL_AXIS,
-                     CHANNELS, FORMAT_NAME, FORMAT_VERSION, HEARTBEAT, LAYER_CLASS, LAYER_NAME,
-                     METRIC_GROUPS, METRIC_NAMES, METRIC_VALUES, METRICS, PER_SNAPSHOT, PROBES_X,
-                     PROBES_Y, STATUS, TENSOR, VALUE_RANGE, RecordingError)
+from .schema import (ACTIVATION, ACTIVATIONS, ATTR_FORMAT, ATTR_FORMAT_VERSION, CHANNELS,
+                     CHANNEL_AXIS, FORMAT_NAME, HEARTBEAT, LAYER_CLASS, LAYER_NAME, METRICS,
+                     METRIC_GROUPS, METRIC_NAMES, METRIC_VALUES, PER_SNAPSHOT, PROBES_X, PROBES_Y,
+                     PROBE_INPUT, PROBE_INPUTS, READABLE_VERSIONS, STATUS, TENSOR, VALUE_RANGE,
+                     RecordingError)
 
 # Limits on what a file may declare. A damaged or crafted file can claim any
 # shape; these keep every read bounded (about 1 GB at most) whatever it says.
@@ -53,6 +54,10 @@ class LayerInfo:
     channel_axis: int                #: axis of ``shape`` that holds channels
     #: indices of the model's channels that were kept (``max_channels``), or None for all
     channels: tuple[int, ...] | None = None
+    #: the dataset's dtype, how the layer is stored ("float16", "float32")
+    dtype: str = "float32"
+    #: multi-input models: the name of the input (``probes/inputs/<name>``) it comes from
+    probe_input: str | None = None
 
 
 class Checker:
@@ -73,10 +78,11 @@ class Checker:
                 "(no root attribute format='layerwatch').")
         version = attr(f, ATTR_FORMAT_VERSION, strict=True)
         if isinstance(version, bool) or not isinstance(version, int) \
-                or version != FORMAT_VERSION:
+                or version not in READABLE_VERSIONS:
+            readable = " and ".join(str(v) for v in READABLE_VERSIONS)
             raise RecordingError(
                 f"{self.path} has format_version={printable(repr(version))[:40]}; this "
-                f"layerwatch reads version {FORMAT_VERSION}. Upgrade layerwatch to read "
+                f"layerwatch reads versions {readable}. Upgrade layerwatch to read "
                 "newer files.")
         for name in PER_SNAPSHOT:
             ds = self.dataset(name, ndim=(1,), kinds="iuf")
@@ -90,6 +96,15 @@ class Checker:
         px = self.dataset(PROBES_X, ndim=range(2, MAX_RANK + 2), kinds="fiub")
         if px.size > _MAX_PROBE_ELEMENTS or px.shape[0] < 1:
             raise self.damaged(f"{PROBES_X} has shape {px.shape}.")
+        if PROBE_INPUTS in f:
+            inputs = self.group(PROBE_INPUTS)
+            if len(inputs) > _MAX_LAYERS:
+                raise self.damaged(f"'{PROBE_INPUTS}' holds {len(inputs)} entries.")
+            for name in inputs:
+                ds = self.dataset(f"{PROBE_INPUTS}/{name}", ndim=range(2, MAX_RANK + 2),
+                                  kinds="fiub")
+                if ds.size > _MAX_PROBE_ELEMENTS or ds.shape[0] != px.shape[0]:
+                    raise self.damaged(f"{PROBE_INPUTS}/{printable(name)} has shape {ds.shape}.")
         if PROBES_Y in f:
             py = self.dataset(PROBES_Y, ndim=(1,), kinds="iu")
             if py.shape != (px.shape[0],):
@@ -230,4 +245,5 @@ def layer_info(key: str, ds: h5py.Dataset) -> LayerInfo:
     return LayerInfo(key=key, shape=per_probe, layer_name=text(LAYER_NAME, key),
                      layer_class=text(LAYER_CLASS, ""), activation=text(ACTIVATION, ""),
                      tensor=text(TENSOR, key), value_range=value_range,
-                     channel_axis=channel_axis % len(per_probe), channels=kept)
+                     channel_axis=channel_axis % len(per_probe), channels=kept,
+                     dtype=str(ds.dtype), probe_input=text(PROBE_INPUT, "") or None)

@@ -22,14 +22,16 @@ from h5py._objects import phil as _HDF5_LOCK  # h5py's lock around the HDF5 libr
 
 from . import codec
 from .append import Resumed, prepare_append
+from .closing import Handles, abandon, finish
 from .files import open_for_writing, temporary_beside
 from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_PROBES, ANALYSIS_STEPS,
                      ATTR_ANALYSIS_EVERY, ATTR_FLUSH_SECONDS, ATTR_FLUSH_SNAPSHOTS, ATTR_FORMAT,
-                     ATTR_FORMAT_VERSION, ATTR_STORAGE_DTYPE, ATTR_WRITER_HOST, ATTR_WRITER_PID,
-                     EPOCHS, FORMAT_NAME, FORMAT_VERSION, HEARTBEAT, INDEX_FILL, META,
-                     METRIC_GROUPS, METRIC_NAMES, METRIC_VALUES, METRICS, NAME_DTYPE, PROBES_X,
-                     PROBES_Y, STATUS, STATUS_COMPLETE, STATUS_RECORDING, STATUS_STOPPED, STEPS,
-                     WALL_TIME, LayerSpec, RecordingError, fixed)
+                     ATTR_FORMAT_VERSION, ATTR_INPUT_INDEX, ATTR_STORAGE_DTYPE, ATTR_WRITER_HOST,
+                     ATTR_WRITER_PID, EPOCHS, FORMAT_NAME, FORMAT_VERSION, HEARTBEAT, INDEX_FILL,
+                     META, METRICS, METRIC_GROUPS, METRIC_NAMES, METRIC_VALUES, NAME_DTYPE,
+                     PROBES_X, PROBES_Y, PROBE_INPUTS, STATUS, STATUS_COMPLETE, STATUS_RECORDING,
+                     STATUS_STOPPED, STEPS, STORAGE_DTYPES, WALL_TIME, LayerSpec, RecordingError,
+                     fixed)
 
 
 class RunWriter:
@@ -53,15 +55,22 @@ class RunWriter:
     recognizes an index that grew on disk before its values were written.
 
     Use :meth:`create` or :meth:`append`; both leave the file in SWMR mode.
+
+    A write that HDF5 fails (a full disk, a file-size limit, an I/O error)
+    stops the writer: the error is raised to the training loop, and the file
+    is never written or closed again (:func:`layerwatch.store.closing.abandon`),
+    so it keeps what was committed before, as a killed writer leaves it.
     """
 
     def __init__(self, f: h5py.File, layer_keys: Sequence[str], *, flush_seconds: float,
-                 flush_snapshots: int, storage_dtype: np.dtype):
+                 flush_snapshots: int):
         self._f = f
         self._keys = list(layer_keys)
         self._flush_seconds = float(flush_seconds)
         self._flush_snapshots = int(flush_snapshots)
-        self._dtype = np.dtype(storage_dtype)
+        self._node = Handles(f)  # the datasets written, each opened once
+        #: Per layer, the dtype its dataset stores (chosen when the file was made).
+        self._dtypes = {key: self._node(f"{ACTIVATIONS}/{key}").dtype for key in self._keys}
         self._pending: list[tuple[int, int, float, list[np.ndarray]]] = []
         self._pending_batch: list[tuple[int, dict[str, float]]] = []
         self._pending_epoch: list[tuple[int, int, dict[str, float]]] = []
@@ -70,13 +79,15 @@ class RunWriter:
         self._closing = False  # the last block: its partly filled chunks need no room to grow
         self._full: dict[str, int] = {}  # per layer, the largest full chunk written (bytes)
         self._encoders: dict[str, Any] = {}
-        self._nodes: dict[str, h5py.Dataset] = {}
-        self._rows = int(f[STEPS].shape[0])  # snapshots in the file and queued
+        self._rows = int(self._node(STEPS).shape[0])  # snapshots in the file and queued
         self._lock = threading.Lock()
         st = os.stat(f.filename)
         self._identity = (st.st_dev, st.st_ino)
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
+        #: HDF5 failed a write: it holds data for the file it cannot write, and
+        #: the file was abandoned (set by the writer thread before ``_error``).
+        self._broken = False
         self._closed = False
         #: In append mode, where the file stood (see :class:`layerwatch.store.append.Resumed`).
         self.resumed: Resumed | None = None
@@ -94,68 +105,95 @@ class RunWriter:
                compression_opts: int | None = 4, shuffle: bool = True,
                flush_seconds: float = 2.0, flush_snapshots: int = 32,
                analysis_probes_x: np.ndarray | None = None,
-               analysis_every: int = 0) -> "RunWriter":
+               analysis_every: int = 0,
+               probe_inputs: dict[str, np.ndarray] | None = None) -> "RunWriter":
         """Create a new recording at ``path`` (replacing any file there).
 
-        With ``analysis_probes_x`` (n inputs), the file also gets the
-        ``analysis`` group: per layer, the n×n Gram matrix of those inputs'
-        activations at the snapshots that carry one (see :meth:`add_snapshot`).
+        ``storage_dtype`` is the root attribute of that name: ``"float16"``
+        or ``"float32"`` for every layer, or ``"auto"`` when each
+        :class:`LayerSpec` names its own ``dtype`` (a layer without one is
+        stored as float32). With ``analysis_probes_x`` (n inputs), the file
+        also gets the ``analysis`` group: per layer, the n×n Gram matrix of
+        those inputs' activations at the snapshots that carry one (see
+        :meth:`add_snapshot`). ``probe_inputs`` (a multi-input model: input name
+        → its probes, in input order) are stored under ``probes/inputs``;
+        ``probes_x`` is the first of them.
         """
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}. "
+                             f"Received: storage_dtype={storage_dtype!r}")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         # Write into a temporary name, then move into place: a failure while
         # laying out the file never leaves a half-made recording at ``path``.
         tmp = temporary_beside(path)
+        f = None
         try:
             f = h5py.File(tmp, "w", libver="latest")
+            # Every group and dataset made stays open until the file is flushed:
+            # a handle dropped earlier would write its data as it closes, where
+            # a failure cannot be handled (see layerwatch.store.closing).
+            made = Handles(f)
+            h = made.hold
             f.attrs[ATTR_FORMAT] = fixed(FORMAT_NAME)
             f.attrs[ATTR_FORMAT_VERSION] = FORMAT_VERSION
-            f.attrs[ATTR_STORAGE_DTYPE] = fixed(str(np.dtype(storage_dtype)))
+            f.attrs[ATTR_STORAGE_DTYPE] = fixed(storage_dtype)
             for key, value in metadata.items():
                 f.attrs[key] = fixed(value)
-            meta = f.create_group(META)
+            meta = h(f.create_group(META))
             for key, text in texts.items():
-                meta.create_dataset(key, data=fixed(text))
-            f.create_dataset(PROBES_X, data=probes_x)
+                h(meta.create_dataset(key, data=fixed(text)))
+            h(f.create_dataset(PROBES_X, data=probes_x))
             if probes_y is not None:
-                f.create_dataset(PROBES_Y, data=np.asarray(probes_y, dtype=np.int64))
+                h(f.create_dataset(PROBES_Y, data=np.asarray(probes_y, dtype=np.int64)))
+            for index, (name, array) in enumerate((probe_inputs or {}).items()):
+                ds = h(f.create_dataset(f"{PROBE_INPUTS}/{name}", data=array))
+                ds.attrs[ATTR_INPUT_INDEX] = index
             n_probes = probes_x.shape[0]
-            f.create_dataset(STEPS, (0,), maxshape=(None,), dtype=np.int64, chunks=(1024,),
-                             fillvalue=INDEX_FILL)
-            f.create_dataset(EPOCHS, (0,), maxshape=(None,), dtype=np.int32, chunks=(1024,))
-            f.create_dataset(WALL_TIME, (0,), maxshape=(None,), dtype=np.float64, chunks=(1024,))
-            acts = f.create_group(ACTIVATIONS)
+            h(f.create_dataset(STEPS, (0,), maxshape=(None,), dtype=np.int64, chunks=(1024,),
+                               fillvalue=INDEX_FILL))
+            h(f.create_dataset(EPOCHS, (0,), maxshape=(None,), dtype=np.int32, chunks=(1024,)))
+            h(f.create_dataset(WALL_TIME, (0,), maxshape=(None,), dtype=np.float64,
+                               chunks=(1024,)))
+            acts = h(f.create_group(ACTIVATIONS))
             for spec in layers:
                 shape = (n_probes,) + tuple(spec.shape)
-                ds = acts.create_dataset(
-                    spec.key, (0,) + shape, maxshape=(None,) + shape, dtype=storage_dtype,
-                    chunks=(codec.time_chunk(shape, storage_dtype),) + shape,
+                dtype = np.dtype(spec.dtype or (
+                    "float32" if storage_dtype == "auto" else storage_dtype))
+                ds = h(acts.create_dataset(
+                    spec.key, (0,) + shape, maxshape=(None,) + shape, dtype=dtype,
+                    chunks=(codec.time_chunk(shape, dtype),) + shape,
                     compression=compression,
                     compression_opts=compression_opts if compression == "gzip" else None,
-                    shuffle=shuffle if compression else False)
+                    shuffle=shuffle if compression else False))
                 for name, value in spec.attrs.items():
                     ds.attrs[name] = fixed(value)
-            metrics = f.create_group(METRICS)
+            metrics = h(f.create_group(METRICS))
             for group, index_names in METRIC_GROUPS.items():
-                g = metrics.create_group(group)
+                g = h(metrics.create_group(group))
                 for name in index_names:
-                    g.create_dataset(name, (0,), maxshape=(None,), dtype=np.int64,
-                                     chunks=(1024,), fillvalue=INDEX_FILL)
-                g.create_dataset(METRIC_NAMES, (0,), maxshape=(None,), dtype=NAME_DTYPE,
-                                 chunks=(64,))
-                g.create_dataset(METRIC_VALUES, (0, 0), maxshape=(None, None), dtype=np.float64,
-                                 chunks=(256, 16), fillvalue=np.nan)
+                    h(g.create_dataset(name, (0,), maxshape=(None,), dtype=np.int64,
+                                       chunks=(1024,), fillvalue=INDEX_FILL))
+                h(g.create_dataset(METRIC_NAMES, (0,), maxshape=(None,), dtype=NAME_DTYPE,
+                                   chunks=(64,)))
+                h(g.create_dataset(METRIC_VALUES, (0, 0), maxshape=(None, None),
+                                   dtype=np.float64, chunks=(256, 16), fillvalue=np.nan))
             if analysis_probes_x is not None:
-                _create_analysis(f, layers, analysis_probes_x, analysis_every)
-            f.create_dataset(STATUS, data=np.array([STATUS_RECORDING], dtype=np.int8))
-            f.create_dataset(HEARTBEAT, data=np.array([time.time()], dtype=np.float64))
-            f.close()
+                _create_analysis(f, h, layers, analysis_probes_x, analysis_every)
+            h(f.create_dataset(STATUS, data=np.array([STATUS_RECORDING], dtype=np.int8)))
+            h(f.create_dataset(HEARTBEAT, data=np.array([time.time()], dtype=np.float64)))
+            done, f = f, None
+            error = finish(done, made)
+            if error is not None:
+                raise error
             os.replace(tmp, path)
         except BaseException:
+            if f is not None:  # failed while laying out: closed, or abandoned if unwritable
+                finish(f, made)
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        return cls._open_for_writing(path, [s.key for s in layers], storage_dtype=storage_dtype,
-                                     flush_seconds=flush_seconds, flush_snapshots=flush_snapshots)
+        return cls._open_for_writing(path, [s.key for s in layers], flush_seconds=flush_seconds,
+                                     flush_snapshots=flush_snapshots)
 
     @classmethod
     def append(cls, path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarray,
@@ -172,7 +210,6 @@ class RunWriter:
         resumed = prepare_append(path, layers=layers, probes_x=probes_x, probes_y=probes_y,
                                  analysis_probes=analysis_probes, from_step=from_step)
         writer = cls._open_for_writing(path, [s.key for s in layers],
-                                       storage_dtype=resumed.storage_dtype,
                                        flush_seconds=flush_seconds,
                                        flush_snapshots=flush_snapshots)
         writer.resumed = resumed
@@ -180,14 +217,17 @@ class RunWriter:
         return writer
 
     @classmethod
-    def _open_for_writing(cls, path, keys, *, storage_dtype, flush_seconds, flush_snapshots):
+    def _open_for_writing(cls, path, keys, *, flush_seconds, flush_snapshots):
         f = open_for_writing(path)
-        # Attributes cannot change once SWMR mode starts: written here, they
-        # tell readers which process writes the file and the crash bound.
-        _set_writer_attrs(f, flush_seconds, flush_snapshots)
-        f.swmr_mode = True
-        return cls(f, keys, flush_seconds=flush_seconds, flush_snapshots=flush_snapshots,
-                   storage_dtype=storage_dtype)
+        try:
+            # Attributes cannot change once SWMR mode starts: written here, they
+            # tell readers which process writes the file and the crash bound.
+            _set_writer_attrs(f, flush_seconds, flush_snapshots)
+            f.swmr_mode = True
+        except BaseException:
+            abandon(f)
+            raise
+        return cls(f, keys, flush_seconds=flush_seconds, flush_snapshots=flush_snapshots)
 
     # -- the training-loop side ------------------------------------------- #
 
@@ -258,18 +298,23 @@ class RunWriter:
         finally:
             self._queue.put(None)
             self._thread.join()
-            try:
-                # A failed writer still tries to mark the run stopped, so
-                # readers report it incomplete rather than still recording.
-                self._f[STATUS][0] = status if self._error is None else STATUS_STOPPED
-                self._f[HEARTBEAT][0] = time.time()
-                self._f.flush()
-            except Exception:  # the file may be the thing that failed
-                pass
-            try:
-                self._f.close()
-            except Exception:
-                pass
+            # An HDF5 write failed: the writer thread abandoned the file, and
+            # nothing more is written to it (the status stays "recording":
+            # readers see a writer that is gone, as after a kill).
+            if not self._broken:
+                try:
+                    # A writer stopped by an error of its own (the file was
+                    # removed, a snapshot refused) still marks the run stopped,
+                    # so readers report it incomplete rather than still recording.
+                    self._node(STATUS)[0] = status if self._error is None else STATUS_STOPPED
+                    self._node(HEARTBEAT)[0] = time.time()
+                except Exception as exc:
+                    abandon(self._f)
+                    error = exc
+                else:
+                    error = finish(self._f, self._node)
+                if error is not None and self._error is None:
+                    self._error = error
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
@@ -284,7 +329,7 @@ class RunWriter:
         try:
             st = os.stat(self._f.filename)
             same = (st.st_dev, st.st_ino) == self._identity
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):  # not an EIO: that is no removal
             same = False
         if not same:
             raise RecordingError(f"{self._f.filename} was removed or replaced while recording.")
@@ -304,7 +349,7 @@ class RunWriter:
                     if self._error is None:
                         self._write(*(self._take() or ([], [], [])))
                 except BaseException as exc:
-                    self._error = exc
+                    self._fail(exc)
                 continue
             try:
                 if job is None:
@@ -312,21 +357,54 @@ class RunWriter:
                 if self._error is None:
                     self._write(*job)
             except BaseException as exc:  # reported to the training loop
-                self._error = exc
+                self._fail(exc)
             finally:
                 self._queue.task_done()
 
+    def _fail(self, exc: BaseException) -> None:
+        """Stop writing after ``exc`` (writer thread). If HDF5 itself failed,
+        the file is abandoned here, before anything else can touch it."""
+        if self._broken:
+            abandon(self._f)
+        self._error = exc
+
     def _write(self, snapshots, batch_logs, epoch_logs) -> None:
-        f, node = self._f, self._node
+        # Refusals come before anything is written: they leave HDF5 able to
+        # write and close the file as usual.
         self._check_file()
-        commits: list[tuple[h5py.Dataset, list[int]]] = []
         with_grams = [s for s in snapshots if s[4] is not None]
         snapshots = [s for s in snapshots if s[3] is not None]
+        self._check_shapes(snapshots, with_grams)
+        try:
+            self._write_checked(snapshots, with_grams, batch_logs, epoch_logs)
+        except BaseException:
+            # HDF5 may hold data for the file that it could not write: it
+            # fails again on any close (see layerwatch.store.closing).
+            self._broken = True
+            raise
+
+    def _check_shapes(self, snapshots, with_grams) -> None:
+        """Refuse arrays that do not fit the file (activations are written as
+        raw chunks, which HDF5 does not check)."""
+        for column, group, items in ((3, ACTIVATIONS, snapshots),
+                                     (4, ANALYSIS_GRAMS, with_grams)):
+            for i, key in enumerate(self._keys if items else ()):
+                want = self._node(f"{group}/{key}").shape[1:]
+                for s in items:
+                    if np.shape(s[column][i]) != want:
+                        raise ValueError(f"{group}/{key}: a snapshot of shape "
+                                         f"{np.shape(s[column][i])} does not fit the "
+                                         f"recording's {want}")
+
+    def _write_checked(self, snapshots, with_grams, batch_logs, epoch_logs) -> None:
+        f, node = self._f, self._node
+        commits: list[tuple[h5py.Dataset, list[int]]] = []
         if snapshots:
             n = len(snapshots)
             t0 = node(STEPS).shape[0]
             for i, key in enumerate(self._keys):
-                block = np.stack([s[3][i] for s in snapshots]).astype(self._dtype, copy=False)
+                block = np.stack([s[3][i] for s in snapshots]).astype(self._dtypes[key],
+                                                                      copy=False)
                 ds = node(f"{ACTIVATIONS}/{key}")
                 ds.resize(t0 + n, axis=0)
                 self._write_rows(key, ds, t0, block)
@@ -357,13 +435,6 @@ class RunWriter:
         node(HEARTBEAT)[0] = time.time()
         f.flush()
 
-    def _node(self, path: str) -> h5py.Dataset:
-        """An open dataset of the file, kept open: opening one costs milliseconds."""
-        ds = self._nodes.get(path)
-        if ds is None:
-            ds = self._nodes[path] = self._f[path]
-        return ds
-
     def _write_rows(self, key: str, ds: h5py.Dataset, t0: int, block: np.ndarray) -> None:
         """Write ``block`` at rows ``t0``... of ``ds``, chunk by chunk.
 
@@ -376,9 +447,6 @@ class RunWriter:
         ``flush_snapshots`` rows, so that happens only on the ``flush_seconds``
         timer and at the end: see :meth:`add_snapshot`.)
         """
-        if block.shape[1:] != ds.shape[1:]:  # written below as raw chunks: check here
-            raise ValueError(f"{ACTIVATIONS}/{key}: a snapshot of shape {block.shape[1:]} does "
-                             f"not fit the recording's {ds.shape[1:]}")
         if key not in self._encoders:
             self._encoders[key] = codec.chunk_encoder(ds)
         encode = self._encoders[key]
@@ -422,19 +490,19 @@ class RunWriter:
 
 
 
-def _create_analysis(f: h5py.File, layers: Sequence[LayerSpec], probes_x: np.ndarray,
-                     every: int) -> None:
-    f.create_group(ANALYSIS).attrs[ATTR_ANALYSIS_EVERY] = int(every)
-    f.create_dataset(ANALYSIS_PROBES, data=probes_x)
-    f.create_dataset(ANALYSIS_STEPS, (0,), maxshape=(None,), dtype=np.int64, chunks=(1024,),
-                     fillvalue=INDEX_FILL)
-    grams = f.create_group(ANALYSIS_GRAMS)
+def _create_analysis(f: h5py.File, hold: Any, layers: Sequence[LayerSpec],
+                     probes_x: np.ndarray, every: int) -> None:
+    """Lay out the ``analysis`` group; ``hold`` keeps each object made open."""
+    hold(f.create_group(ANALYSIS)).attrs[ATTR_ANALYSIS_EVERY] = int(every)
+    hold(f.create_dataset(ANALYSIS_PROBES, data=probes_x))
+    hold(f.create_dataset(ANALYSIS_STEPS, (0,), maxshape=(None,), dtype=np.int64,
+                          chunks=(1024,), fillvalue=INDEX_FILL))
+    grams = hold(f.create_group(ANALYSIS_GRAMS))
     n = probes_x.shape[0]
     for spec in layers:
-        grams.create_dataset(spec.key, (0, n, n), maxshape=(None, n, n), dtype=np.float32,
-                             chunks=(1, n, n), compression="gzip", compression_opts=4,
-                             shuffle=True)
-
+        hold(grams.create_dataset(spec.key, (0, n, n), maxshape=(None, n, n), dtype=np.float32,
+                                  chunks=(1, n, n), compression="gzip", compression_opts=4,
+                                  shuffle=True))
 
 
 def _lower_priority() -> None:
