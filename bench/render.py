@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from layerwatch.render import render  # noqa: E402
+from layerwatch.rendering import render  # noqa: E402
 from layerwatch.store import LayerSpec, RunWriter, open_run  # noqa: E402
 
 SEED_LAYERS = [("conv1", 28, 4), ("conv2", 28, 4), ("conv3", 14, 8), ("conv4", 14, 8),

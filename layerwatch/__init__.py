@@ -19,8 +19,8 @@ __all__ = ["LayerWatch", "one_per_class", "open_run", "read_run", "render", "dri
 from .analysis.drift import drift  # noqa: E402
 from .analysis.health import health  # noqa: E402
 from .record.probes import one_per_class  # noqa: E402
-from .render.compare import compare  # noqa: E402
-from .render.run import render  # noqa: E402
+from .rendering.compare import compare  # noqa: E402
+from .rendering.run import render  # noqa: E402
 from .report import report  # noqa: E402
 from .store import RecordingError, open_run, read_run  # noqa: E402
 

@@ -129,7 +129,8 @@ _max_frames_option = click.option(
     help="At most N frames per GIF, evenly spaced (first and last kept).")
 _max_bytes_option = click.option(
     "--max-bytes", type=_ByteSize(), default=None,
-    help="Keep each GIF under this size (e.g. 2MB): fewer frames, then a smaller scale.")
+    help="Keep each GIF under this size (e.g. 2MB): fewer frames (the quietest first), then "
+         "a smaller scale.")
 _quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 #: The GIF look options shared by the commands that write GIFs.
 _gif_options = _options(
@@ -172,7 +173,7 @@ def render(run: str, out: str | None, layers: tuple[str, ...], every: int | None
            max_frames: int | None, fps: float, scale: int, max_channels: int,
            max_bytes: int | None, color_range: tuple[float, float] | None, quiet: bool) -> None:
     """Render RUN.h5 into <layer>.gif, <layer>.png (final step) and curves.png."""
-    from .render.run import render as render_run
+    from .rendering.run import render as render_run
 
     with _RenderProgress(enabled=not quiet) as progress:
         written = render_run(run, out, layers=_names(layers), every=every,
@@ -228,7 +229,7 @@ def watch(run: str, out: str | None, interval: float, max_frames: int | None) ->
     flushed, checking every --interval seconds, and stops when the run is
     closed, when its writer is gone, or on Ctrl-C.
     """
-    from .render.watch import watch as follow
+    from .rendering.watch import watch as follow
 
     try:
         follow(run, out, interval=interval, max_frames=max_frames,
@@ -305,7 +306,7 @@ def compare(runs: tuple[str, ...], out: str | None, labels: str | None,
     recorded), <layer>.png (the last shared step) and curves.png (all runs'
     curves on one plot).
     """
-    from .render.compare import compare as compare_runs
+    from .rendering.compare import compare as compare_runs
 
     if len(runs) < 2:
         raise click.UsageError(f"compare needs at least two runs. Received: {len(runs)} run.")

@@ -1,7 +1,7 @@
 """Notebook display: ``layerwatch.show("run.h5", "conv3")`` animates a layer inline.
 
 The GIF is rendered in memory — drawn by the same
-:class:`~layerwatch.render.panel.LayerPanel` as :func:`layerwatch.render.render`'s —
+:class:`~layerwatch.rendering.panel.LayerPanel` as :func:`layerwatch.render`'s —
 and handed to IPython; no file is written.
 """
 
@@ -11,10 +11,10 @@ import io
 import os
 from typing import Any
 
-from layerwatch.render.gif import GifWriter
-from layerwatch.render.options import check_options
-from layerwatch.render.panel import LayerPanel
-from layerwatch.render.selection import select_frames
+from layerwatch.rendering.gif import GifWriter
+from layerwatch.rendering.options import check_options
+from layerwatch.rendering.panel import LayerPanel
+from layerwatch.rendering.selection import select_frames
 from layerwatch.store import RecordingError, open_run
 
 
@@ -73,7 +73,7 @@ def show(path: str | os.PathLike, layer: str, *, max_frames: int | None = 200,
     max_channels
         Draw at most this many channels; ``None`` draws all.
     value_range
-        Colour range ``(low, high)``; default as in :func:`layerwatch.render.render`.
+        Colour range ``(low, high)``; default as in :func:`layerwatch.render`.
 
     Returns
     -------

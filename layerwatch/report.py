@@ -9,7 +9,7 @@ Writes into a directory:
 - ``report.md`` — the same in Markdown with relative image paths, for GitHub
   READMEs and wikis;
 - the images both refer to: ``<layer>.gif``/``<layer>.png`` and
-  ``curves.png`` (from :func:`layerwatch.render.render`), ``drift.png`` and
+  ``curves.png`` (from :func:`layerwatch.render`), ``drift.png`` and
   ``health.png``.
 
 Everything taken from the recording (names, metadata, the model summary) is
@@ -33,10 +33,16 @@ import numpy as np
 from layerwatch.analysis.drift import DriftResult, drift_of_run, plot_drift
 from layerwatch.analysis.health import HealthResult, health_of_run, plot_health
 from layerwatch.outputs import default_out_dir
+from layerwatch.store.schema import (ATTR_FLUSH_SECONDS, ATTR_FLUSH_SNAPSHOTS, ATTR_WRITER_HOST,
+                                     ATTR_WRITER_PID)
 from layerwatch.store import RecordingError, open_run
 
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 _MAX_META_VALUE = 300  # characters of one metadata value shown
+#: Root attributes about the writing process, not the run: `layerwatch info` shows
+#: them (is the writer alive?); a page meant to be shared does not.
+_WRITER_ONLY = frozenset({ATTR_WRITER_PID, ATTR_WRITER_HOST, ATTR_FLUSH_SECONDS,
+                          ATTR_FLUSH_SNAPSHOTS})
 _MIN_LAYER_WIDTH = 360  # CSS pixels a layer image is zoomed up to (by whole factors)
 
 
@@ -80,10 +86,10 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
     max_frames
         At most this many frames per GIF (first and last kept).
     max_bytes
-        Byte budget per GIF (see :func:`layerwatch.render.render`); keeps the
+        Byte budget per GIF (see :func:`layerwatch.render`); keeps the
         self-contained page small.
     fps, scale, max_channels
-        As in :func:`layerwatch.render.render`.
+        As in :func:`layerwatch.render`.
     notes
         Called with one line per thing worth telling (what render adjusted,
         how many probes drift rests on).
@@ -105,7 +111,7 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
     >>> report("runs/mnist.h5", "outputs/mnist")     # doctest: +SKIP
     [PosixPath('outputs/mnist/report.html'), PosixPath('outputs/mnist/report.md'), ...]
     """
-    from layerwatch.render.run import render
+    from layerwatch.rendering.run import render
 
     out = default_out_dir(path) if out_dir is None else Path(out_dir)
     say = notes or (lambda text: None)
@@ -145,7 +151,8 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                   + f"; {len(steps)} snapshots, steps {steps[0]}..{steps[-1]}")
         data = _Report(
             title=title, source=os.path.basename(run.path),
-            meta=[(str(k), _short(v)) for k, v in sorted(attrs.items())],
+            meta=[(str(k), _short(v)) for k, v in sorted(attrs.items())
+                  if k not in _WRITER_ONLY],
             summary=run.text("summary") or "", probes=probes,
             curves=next((p for p in rendered if p.name == "curves.png"), None),
             drift_png=drift_png, drift=drift_result, drift_error=drift_error,

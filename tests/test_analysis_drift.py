@@ -226,7 +226,7 @@ def test_drift_rejects_unknown_layers_and_bad_thresholds(tmp_path):
 
 
 def test_watch_rejects_a_non_positive_interval(tmp_path):
-    from layerwatch.render.watch import watch
+    from layerwatch.rendering.watch import watch
 
     x = np.random.default_rng(8).normal(size=(4, 3, 3, 2)).astype(np.float32)
     path = write_run(tmp_path / "run.h5", {"conv": [x, x]}, [0, 1], probes=4)

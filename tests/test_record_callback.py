@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from layerwatch import LayerWatch, one_per_class
+from layerwatch import LayerWatch, one_per_class, open_run
 from layerwatch.cli import main
 
 TOL = 2e-3  # float16 storage of values in [-1, 1]
@@ -604,3 +604,50 @@ def test_free_space_is_a_budget_too(tmp_path, tiny_data, monkeypatch):
 def test_disk_budget_must_be_a_positive_number(tmp_path, value):
     with pytest.raises(ValueError, match=r"disk_budget must be a number of bytes > 0"):
         LayerWatch(tmp_path / "run.h5", np.zeros((2, 8, 8, 1)), disk_budget=value)
+
+
+# ----------------------------------------------------------------------------- #
+# Each step's own loss and metrics
+# ----------------------------------------------------------------------------- #
+
+
+def test_each_steps_own_loss_is_stored_beside_kerass_running_mean(tmp_path, tiny_data):
+    x, y = tiny_data  # 48 images, batches of 16: three equal batches an epoch
+    model = tanh_relu_model()
+    path = tmp_path / "run.h5"
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0,
+                        callbacks=[LayerWatch(path, x[:3], budget=None)])
+    with open_run(path) as run:
+        batch = run.metrics("batch")
+    for name in ("loss", "accuracy"):
+        steps, own = batch.get(name)
+        _, running = batch.get(name + "_running_mean")
+        assert steps.tolist() == [1, 2, 3, 4, 5, 6]
+        for epoch in range(2):  # v_k = k·m_k − (k−1)·m_(k−1), restarting each epoch
+            m = running[3 * epoch:3 * epoch + 3]
+            k = np.arange(1, 4)
+            np.testing.assert_allclose(own[3 * epoch:3 * epoch + 3],
+                                       k * m - (k - 1) * np.r_[0.0, m[:-1]], rtol=1e-12)
+        # Keras' own epoch means are the running means' last values.
+        np.testing.assert_allclose(running[[2, 5]], history.history[name], rtol=1e-6)
+    assert not np.allclose(batch.get("loss")[1], batch.get("loss_running_mean")[1])
+
+
+def test_a_smaller_last_batch_is_weighted_by_its_size(tmp_path, tiny_data):
+    x, y = tiny_data
+    x, y = x[:40], y[:40]  # batches of 16, 16 and 8
+    model = tanh_relu_model()
+    path = tmp_path / "run.h5"
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0,
+                        callbacks=[LayerWatch(path, x[:3], budget=None)])
+    with open_run(path) as run:
+        batch = run.metrics("batch")
+    sizes = np.array([16, 16, 8])
+    for name in ("loss", "accuracy"):
+        own = batch.get(name)[1]
+        for epoch in range(2):  # the epoch's mean is the size-weighted mean of its steps
+            part = own[3 * epoch:3 * epoch + 3]
+            np.testing.assert_allclose((part * sizes).sum() / sizes.sum(),
+                                       history.history[name][epoch], rtol=1e-6)
+    accuracy = batch.get("accuracy")[1]
+    assert np.all((accuracy >= -1e-9) & (accuracy <= 1 + 1e-9))  # a share, every step

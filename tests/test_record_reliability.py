@@ -431,7 +431,7 @@ def test_divergence_is_recorded_reported_and_rendered(tmp_path):
     import imageio.v3 as iio
 
     from layerwatch import LayerWatch
-    from layerwatch.render import colormap
+    from layerwatch.rendering import colormap
 
     sys.path.insert(0, str(CHILD.parent))
     import _child

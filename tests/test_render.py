@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from layerwatch.render import colormap
+from layerwatch.rendering import colormap
 from layerwatch.cli import main
-from layerwatch.render import render, safe_stem, select_frames
+from layerwatch.rendering import render, safe_stem, select_frames
 from layerwatch.store import LayerSpec, RecordingError, RunWriter
 
 TANH = {"layer_class": "Conv2D", "activation": "tanh", "value_range": [-1.0, 1.0],
@@ -237,7 +237,7 @@ def test_progress_reports_every_frame(tmp_path):
 
 
 def test_importing_the_renderer_does_not_import_keras():
-    code = ("import sys, layerwatch.render, layerwatch.cli; "
+    code = ("import sys, layerwatch.rendering, layerwatch.cli; "
             "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -359,7 +359,7 @@ def test_cli_range_and_sizes_accepted(tmp_path):
 
 
 def test_curves_survive_divergence_and_show_a_changing_learning_rate(tmp_path):
-    from layerwatch.render.curves import _panels
+    from layerwatch.rendering.curves import _panels
     from layerwatch.store import open_run
 
     path = tmp_path / "run.h5"
@@ -380,7 +380,7 @@ def test_curves_survive_divergence_and_show_a_changing_learning_rate(tmp_path):
 
 
 def test_smoothing_does_not_lag():
-    from layerwatch.render.curves import smooth
+    from layerwatch.rendering.curves import smooth
 
     ramp = np.linspace(0, 1, 200)
     # a one-sided moving average of span 10 would trail the ramp by ~0.045

@@ -2,7 +2,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from layerwatch.render import colormap
+from layerwatch.rendering import colormap
 
 
 def test_levels_are_matplotlib_rdbu():

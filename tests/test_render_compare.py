@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from layerwatch.render import layout as frames
+from layerwatch.rendering import layout as frames
 from layerwatch.cli import main
-from layerwatch.render.compare import CompareError, compare, run_labels
+from layerwatch.rendering.compare import CompareError, compare, run_labels
 from layerwatch.store import LayerSpec, RunWriter, open_run
 
 
@@ -73,7 +73,7 @@ def test_each_panel_is_exactly_that_runs_frame(runs, tmp_path):
             if info.value_range is not None:
                 vmin, vmax = -1.0, 1.0
             else:
-                from layerwatch.render import robust_max
+                from layerwatch.rendering import robust_max
                 m = robust_max(run, info.key)
                 vmin, vmax = -m, m
             for index, out in ((0, panels_first), (run.num_snapshots - 1, panels_last)):
@@ -189,7 +189,7 @@ def test_cli_compare(runs, tmp_path):
 
 def test_layer_gif_bytes_equal_the_rendered_gif(runs, tmp_path):
     from layerwatch.notebook import layer_gif_bytes
-    from layerwatch.render import render
+    from layerwatch.rendering import render
 
     tanh, _ = runs
     render(tanh, tmp_path / "r", layers=["conv1"])

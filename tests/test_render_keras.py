@@ -7,8 +7,8 @@ keras = pytest.importorskip("keras")
 iio = pytest.importorskip("imageio.v3")
 
 import layerwatch  # noqa: E402
-from layerwatch.render import colormap  # noqa: E402
-from layerwatch.render import render  # noqa: E402
+from layerwatch.rendering import colormap  # noqa: E402
+from layerwatch.rendering import render  # noqa: E402
 
 
 def test_constant_tanh_layer_renders_its_colour_in_every_frame(tmp_path):

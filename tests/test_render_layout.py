@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from layerwatch.render import colormap
-from layerwatch.render import layout as frames
+from layerwatch.rendering import colormap
+from layerwatch.rendering import layout as frames
 
 
 def test_nearest_neighbour_blocks_and_channel_rows():

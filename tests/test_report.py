@@ -327,3 +327,17 @@ def test_cli_report(recorded, tmp_path):
     assert missing.output.startswith("Error: ") and "does not exist" in missing.output
     bad = CliRunner().invoke(main, ["report", str(run), "--max-bytes", "lots"])
     assert bad.exit_code == 2 and "is not a size" in bad.output
+
+
+def test_the_page_shows_the_whole_model_summary_and_not_the_writer_process(recorded):
+    run, out, _ = recorded
+    page = (out / "report.html").read_text(encoding="utf-8")
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    for text in (page, markdown):
+        assert "Param #" in text  # the summary table is not cut at 80 columns
+        assert "writer_pid" not in text and "writer\\_pid" not in text
+        assert "writer_host" not in text and "writer\\_host" not in text
+        assert "flush_seconds" not in text and "flush\\_seconds" not in text
+    assert "model_name" in page  # the run's own metadata stays
+    info = CliRunner().invoke(main, ["info", str(run)])  # `info` still tells who writes it
+    assert info.exit_code == 0

@@ -463,7 +463,13 @@ def test_a_version_1_file_written_by_layerwatch_0_2_3_reads_as_before():
             np.testing.assert_array_equal(run.activations(layer.key),
                                           plain[layer.key].astype(np.float32))
         assert run.layer("conv1").value_range == (-1.0, 1.0)
-        steps, loss = run.metrics("batch").get("loss")
+        batch = run.metrics("batch")
+        # Version 1 stored Keras' running means under the metrics' names: read today
+        # they are the _running_mean columns, and each step's own value is derived.
+        assert batch.names == ["loss_running_mean", "loss", "accuracy_running_mean", "accuracy"]
+        steps, running = batch.get("loss_running_mean")
         assert steps.tolist() == [1, 2, 3, 4]
-        np.testing.assert_allclose(loss, [2.0, 1.0, 2 / 3, 0.5])
+        np.testing.assert_allclose(running, [2.0, 1.0, 2 / 3, 0.5])
+        # Epoch 1 ended at step 2: k·m_k − (k−1)·m_(k−1) within each epoch.
+        np.testing.assert_allclose(batch.get("loss")[1], [2.0, 0.0, 2 / 3, 1 / 3])
         assert run.metrics("epoch").get("val_loss")[1].tolist() == [1.5]

@@ -75,7 +75,7 @@ def _read_curves_only(run, path):
 
 
 def test_fuzzed_recordings_fail_cleanly(tmp_path, monkeypatch):
-    from layerwatch.render import curves
+    from layerwatch.rendering import curves
 
     real_curves = curves.write_curves
     cases = int(os.environ.get("LAYERWATCH_FUZZ_CASES", "240"))

@@ -139,11 +139,12 @@ def snapshot_bytes(arrays: Sequence[np.ndarray], compression: str | None) -> lis
 
 
 def over_disk(*, per_layer: Sequence[int], names: Sequence[str], channels: Sequence[int],
-              snapshots: int, every: int, budget: float | None, free: int | None
-              ) -> Verdict | None:
+              snapshots: int, every: int, budget: float | None, free: int | None,
+              extra: int = 0) -> Verdict | None:
     """A :class:`Verdict` when ``snapshots`` snapshots of ``per_layer`` bytes
     each would write more than ``budget`` bytes or more than ``free`` bytes
-    (the space left on the file's disk); None when they fit.
+    (the space left on the file's disk), ``extra`` bytes (the analysis Grams)
+    counted beside them; None when they fit.
 
     The advice keeps every ``every`` steps' worth of snapshots in view: the
     ``every`` that fits, ``max_channels`` that fits at the current ``every``,
@@ -152,7 +153,7 @@ def over_disk(*, per_layer: Sequence[int], names: Sequence[str], channels: Seque
     from layerwatch.text import format_bytes
 
     per_snapshot = int(sum(per_layer))
-    planned = per_snapshot * snapshots
+    planned = per_snapshot * snapshots + int(extra)
     limits = [(budget, f"disk_budget={format_bytes(budget)}")] if budget else []
     if free is not None:
         limits.append((free, f"the {format_bytes(free)} free on its disk"))
@@ -161,7 +162,7 @@ def over_disk(*, per_layer: Sequence[int], names: Sequence[str], channels: Seque
     limit, named = min(limits, key=lambda item: item[0])
     if planned <= limit:
         return None
-    factor = planned / limit
+    factor = planned / max(limit - int(extra), 1)
     fitting = max(every + 1, math.ceil(every * factor))
     advice = [f"every={fitting}"]
     widest = max(channels)
@@ -169,7 +170,7 @@ def over_disk(*, per_layer: Sequence[int], names: Sequence[str], channels: Seque
         if k >= widest:
             continue
         cut = sum(size * min(c, k) / c for size, c in zip(per_layer, channels))
-        if cut * snapshots <= limit:
+        if cut * snapshots + extra <= limit:
             advice.append(f"max_channels={k}")
             break
     biggest = sorted(zip(per_layer, names), reverse=True)[:3]

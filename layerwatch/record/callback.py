@@ -33,6 +33,7 @@ from .options import check_analysis_probes, check_every, check_path, check_recor
 from .probe_pass import ProbePass
 from .probes import check_labels, check_probe_set, probe_count
 from .specs import layer_specs, model_texts, run_metadata
+from .step_values import StepValues, mean_metrics
 from .steps import StepCounter
 
 _open_writers: "weakref.WeakSet[RunWriter]" = weakref.WeakSet()
@@ -175,6 +176,7 @@ class LayerWatch(keras.callbacks.Callback):
         self._fusion: FusedProbePass | None = None  # built once, reused by later fits
         self._deferred: DeferredSnapshot | None = None  # this fit's fused snapshots
         self._steps: StepCounter | None = None
+        self._step_values: StepValues | None = None
         self._meter: CostMeter | None = None
         self._budget_checked = False
         self._disk_checked = False
@@ -200,6 +202,13 @@ class LayerWatch(keras.callbacks.Callback):
             or (getattr(model, "steps_per_execution", 1) > 1 and not steps_per_epoch)
         self._steps = StepCounter(self._read_step, steps_per_epoch=steps_per_epoch,
                                   read_every_step=read_every_step)
+        # Under a distribution strategy a metric's variables are synchronized on
+        # read, a collective every worker must join: the chief alone may not.
+        distributed = getattr(getattr(model, "distribute_strategy", None),
+                              "num_replicas_in_sync", 1) > 1
+        self._step_values = StepValues(lambda: mean_metrics(model),
+                                       steps_per_epoch=steps_per_epoch,
+                                       read=None if distributed else self._read_count)
         step = self._read_step()
         first = self._probes.snapshot()
         self._open_writer(model, first, step)
@@ -219,6 +228,7 @@ class LayerWatch(keras.callbacks.Callback):
         self._epoch = int(epoch)
         if self._recording:
             self._steps.epoch_begins()
+            self._step_values.epoch_begins()
 
     def on_train_batch_end(self, batch, logs=None):
         if not self._recording:
@@ -233,7 +243,8 @@ class LayerWatch(keras.callbacks.Callback):
                 step // self.every > self._last_step // self.every
             direct = recorded and (self._deferred is None or (
                 self._meter is not None and self._meter.wants_plain_step()))
-            scalars = self._scalars(logs, with_lr=direct) if logs else {}
+            scalars = self._step_values.convert(self._scalars(logs, with_lr=direct), batch) \
+                if logs else {}
             written = None
             if direct:
                 arrays = self._snapshot()
@@ -395,6 +406,11 @@ class LayerWatch(keras.callbacks.Callback):
         if deferred is not None:
             deferred.fused.restore()
 
+    def _read_count(self, metric: Any) -> float:
+        """A mean metric's sample count (a variable read; on JAX, a state sync first)."""
+        self.model  # noqa: B018
+        return float(keras.ops.convert_to_numpy(metric.count))
+
     def _read_step(self) -> int:
         """The optimizer's step count (a variable read; on JAX, a state sync)."""
         return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
@@ -447,11 +463,14 @@ class LayerWatch(keras.callbacks.Callback):
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
         except OSError:
             free = None
+        planned = int(epochs) * int(steps)
+        n = self._probes.analysis_count  # analysis Grams: n×n float32 per layer, as written
+        grams = n * n * 4 * len(first) * (planned // self.analysis_every + 2) if n else 0
         verdict = over_disk(
             per_layer=snapshot_bytes(first, self.compression),
             names=[tap.key for tap in self._probes.taps], channels=self._probes.kept_channels,
-            snapshots=int(epochs) * int(steps) // self.every + 2, every=self.every,
-            budget=self.disk_budget, free=free)
+            snapshots=planned // self.every + 2, every=self.every,
+            budget=self.disk_budget, free=free, extra=grams)
         if verdict is None:
             return
         if self.auto_every:

@@ -7,6 +7,7 @@ module only knows where in a Keras model each value comes from.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Sequence
 
 import keras
@@ -16,6 +17,9 @@ from layerwatch.version import __version__
 from layerwatch.store.schema import LayerSpec, layer_attrs, utc_now
 
 from .extractor import BOUNDED_RANGES, Tap
+
+
+_SUMMARY_WIDTH = 100  # characters of the model summary table
 
 
 def layer_specs(taps: Sequence[Tap], arrays: Sequence[np.ndarray],
@@ -59,10 +63,20 @@ def model_texts(model: keras.Model) -> dict[str, str]:
     except Exception as exc:  # custom layers without get_config
         texts["model_config"] = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
     lines: list[str] = []
+    # Keras draws the table with rich, which is as wide as the terminal it
+    # thinks it has (80 columns when it has none) and cuts what does not fit:
+    # the "Param #" column, at line_length=100. Give it room for the table.
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(_SUMMARY_WIDTH + 4)
     try:
         model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line),
-                      line_length=100)
+                      line_length=_SUMMARY_WIDTH)
     except Exception:
         pass
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved
     texts["summary"] = "\n".join(lines)
     return texts

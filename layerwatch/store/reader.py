@@ -22,13 +22,14 @@ import numpy as np
 from layerwatch.text import printable
 
 from .closing import abandoned_here
+from .compat import version_1_batch_metrics
 from .files import h5_reason, open_for_reading
 from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_PROBES, ANALYSIS_STEPS,
-                     ATTR_FLUSH_SECONDS, ATTR_INPUT_INDEX, ATTR_STORAGE_DTYPE, ATTR_WRITER_HOST,
-                     ATTR_WRITER_PID, EPOCHS, HEARTBEAT, META, METRICS, METRIC_GROUPS, METRIC_NAMES,
-                     METRIC_VALUES, PER_SNAPSHOT, PROBES_X, PROBES_Y, PROBE_INPUTS, STATUS,
-                     STATUS_COMPLETE, STATUS_RECORDING, STEPS, STORAGE_DTYPES, WALL_TIME,
-                     RecordingError)
+                     ATTR_FLUSH_SECONDS, ATTR_FORMAT_VERSION, ATTR_INPUT_INDEX, ATTR_STORAGE_DTYPE,
+                     ATTR_WRITER_HOST, ATTR_WRITER_PID, EPOCHS, HEARTBEAT, META, METRICS,
+                     METRIC_GROUPS, METRIC_NAMES, METRIC_VALUES, PER_SNAPSHOT, PROBES_X, PROBES_Y,
+                     PROBE_INPUTS, STATUS, STATUS_COMPLETE, STATUS_RECORDING, STEPS, STORAGE_DTYPES,
+                     WALL_TIME, RecordingError)
 from .validate import MAX_ATTRS, MAX_RANK, MAX_SNAPSHOT_ELEMENTS, Checker, LayerInfo, attr
 
 _MAX_TEXT_BYTES = 64 * 1024 * 1024
@@ -422,7 +423,14 @@ class Run:
         return None
 
     def metrics(self, group: str = "batch") -> Metrics:
-        """Scalar logs: ``"batch"`` (every logged step) or ``"epoch"`` (epoch ends)."""
+        """Scalar logs: ``"batch"`` (every logged step) or ``"epoch"`` (epoch ends).
+
+        Batch columns: ``<name>`` each step's own value of the loss and mean
+        metrics, ``<name>_running_mean`` Keras' epoch-so-far mean of it,
+        ``<name>_running`` the epoch-so-far value of a metric that is not a
+        mean, and ``learning_rate`` (see docs/FORMAT.md). Version 1 files read
+        the same way (:mod:`layerwatch.store.compat`).
+        """
         if group not in METRIC_GROUPS:
             raise ValueError(f"group must be 'batch' or 'epoch'. Received: group={group!r}")
         n = self._metric_rows(group)
@@ -434,10 +442,18 @@ class Run:
             if vals.shape[1] < len(names):  # a reader raced the writer growing columns
                 names = names[: vals.shape[1]]
             index = METRIC_GROUPS[group]
-            return Metrics(names=names, steps=np.asarray(g[index[-1]][:n], dtype=np.int64),
-                           values=np.asarray(vals, dtype=np.float64),
-                           epochs=np.asarray(g[index[0]][:n], dtype=np.int64)
-                           if len(index) > 1 else None)
+            steps = np.asarray(g[index[-1]][:n], dtype=np.int64)
+            vals = np.asarray(vals, dtype=np.float64)
+            epochs = np.asarray(g[index[0]][:n], dtype=np.int64) if len(index) > 1 else None
+        if group == "batch" and self.format_version == 1:
+            names, vals = version_1_batch_metrics(names, steps, vals,
+                                                  self.metrics("epoch").steps)
+        return Metrics(names=names, steps=steps, values=vals, epochs=epochs)
+
+    @property
+    def format_version(self) -> int:
+        """The file's ``format_version`` (checked readable when it was opened)."""
+        return int(attr(self._f, ATTR_FORMAT_VERSION))
 
     def refresh(self) -> None:
         """See what a live writer has committed since the file was opened."""

@@ -46,6 +46,11 @@ METRICS = "metrics"          #: groups batch/ and epoch/
 METRIC_GROUPS = {"batch": ("step",), "epoch": ("epoch", "step")}
 METRIC_NAMES = "names"       #: (M,) S128 metric names, columns of values
 METRIC_VALUES = "values"     #: (rows, M) float64, NaN where a metric was not logged
+#: metrics/batch column suffixes: Keras' epoch-so-far mean of a mean metric (the column
+#: without the suffix is that step's own value), and the epoch-so-far value of a metric
+#: that is not a mean (AUC, ...), which has no per-step value
+RUNNING_MEAN = "_running_mean"
+RUNNING = "_running"
 ANALYSIS = "analysis"        #: optional group: analysis-probe Gram matrices
 ANALYSIS_STEPS = "analysis/steps"
 ANALYSIS_PROBES = "analysis/probes_x"

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from layerwatch.render import colormap
+from layerwatch.rendering import colormap
 
 #: Height in pixels (before ``scale``) of the strips that 1-D signals draw as.
 STRIP_HEIGHT = 8

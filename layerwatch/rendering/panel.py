@@ -3,8 +3,8 @@
 Every picture of a layer — ``layerwatch render``'s GIFs and stills, each panel
 of ``layerwatch compare``, ``layerwatch.show`` in a notebook — comes from a
 :class:`LayerPanel`, so they are drawn alike: same palette
-(:mod:`~layerwatch.render.colormap`), same layout
-(:mod:`~layerwatch.render.layout`), same colour-range rule, same caption and
+(:mod:`~layerwatch.rendering.colormap`), same layout
+(:mod:`~layerwatch.rendering.layout`), same colour-range rule, same caption and
 same hysteresis.
 """
 
@@ -15,16 +15,20 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from layerwatch.render import layout as _layout
-from layerwatch.render.colormap import value_indices
-from layerwatch.render.selection import evenly_spaced
+from layerwatch.rendering import colormap
+from layerwatch.rendering import layout as _layout
+from layerwatch.rendering.colormap import value_indices
+from layerwatch.rendering.selection import evenly_spaced
 from layerwatch.store import LayerInfo, Run
 
 #: Hysteresis of GIF frames, in colour levels (see
-#: :func:`layerwatch.render.colormap.value_indices`): a cell's colour changes only
-#: when its value leaves the level by more than one level, which removes
-#: sub-level flicker and halves the size of slowly drifting GIFs.
-HOLD = 0.5
+#: :func:`layerwatch.rendering.colormap.value_indices`): a cell's colour changes only
+#: when its value leaves the level it shows by more than this, which removes
+#: flicker between neighbouring levels and makes slowly drifting GIFs a third
+#: to a half smaller. Stills and a GIF's first frame are exact to the level.
+HOLD = 1.0
+#: The most hysteresis ``--max-bytes`` may use before it drops frames instead.
+MAX_HOLD = 2.0
 #: Percentile of |activation| that sets the colour range of unbounded layers.
 ROBUST_PERCENTILE = 99.9
 _RANGE_SNAPSHOTS = 64  # snapshots sampled for the robust range
@@ -135,16 +139,33 @@ class LayerPanel:
         return self.layout(scale).compose(self.run.activations(self.layer.key, index),
                                           self.vmin, self.vmax, self.caption(index))
 
-    def frames(self, indices: Sequence[int], scale: int) -> Iterator[np.ndarray]:
-        """The GIF frames of these snapshots, with :data:`HOLD` hysteresis: the
-        first is exact, later cells change colour only when their value leaves
-        its level by more than one level."""
+    def frames(self, indices: Sequence[int], scale: int, *, hold: float = HOLD
+               ) -> Iterator[np.ndarray]:
+        """The GIF frames of these snapshots, with ``hold`` levels of hysteresis:
+        the first is exact, later cells change colour only when their value
+        leaves the level they show by more than ``hold`` levels."""
         layout = self.layout(scale)
         previous = None
         for i, activations in zip(indices, self._stream(np.asarray(indices))):
             previous = value_indices(activations, self.vmin, self.vmax, previous=previous,
-                                     hold=HOLD)
+                                     hold=hold)
             yield layout.compose_indices(previous, self.caption(int(i)))
+
+    def progress(self, indices: Sequence[int]) -> np.ndarray:
+        """Per snapshot of ``indices``, how far it moved the picture towards the
+        last one: the change, from the snapshot before, of the mean distance
+        (in colour levels) to the last snapshot.
+
+        A layer that is still finding its representation scores high; one
+        that jitters around where it settled scores near zero, however many
+        cells flicker.
+        """
+        indices = np.asarray(indices)
+        last = self.run.activations(self.layer.key, int(indices[-1]))
+        level = (self.vmax - self.vmin) / max(colormap.LEVELS - 1, 1)
+        distance = np.array([float(np.nanmean(np.abs(a - last))) for a in self._stream(indices)])
+        moved = np.abs(np.diff(distance, prepend=distance[:1])) / level
+        return np.nan_to_num(moved, nan=0.0, posinf=0.0)
 
     def _stream(self, indices: np.ndarray, block: int = 16) -> Iterator[np.ndarray]:
         """The snapshots at ``indices`` one by one, runs of consecutive snapshots

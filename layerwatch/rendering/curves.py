@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from layerwatch.store import Metrics, Run
+from layerwatch.store.schema import RUNNING, RUNNING_MEAN
 
 _ACCURACY = ("accuracy", "acc")
 _LEARNING_RATE = ("learning_rate", "lr")
@@ -37,11 +38,31 @@ def _ema(values: np.ndarray, span: int) -> np.ndarray:
     return out
 
 
+def base_name(name: str) -> str:
+    """The metric a logged column belongs to: ``val_loss``, ``loss_running_mean`` → ``loss``."""
+    name = name[4:] if name.startswith("val_") else name
+    for suffix in (RUNNING_MEAN, RUNNING):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def train_column(batch: Metrics, name: str) -> tuple[str | None, bool]:
+    """The batch column to draw for metric ``name`` and whether it holds each
+    step's own value (else Keras' epoch-so-far value, which restarts each epoch)."""
+    if name in batch.names:
+        return name, True
+    for suffix in (RUNNING, RUNNING_MEAN):
+        if name + suffix in batch.names:
+            return name + suffix, False
+    return None, False
+
+
 def _panels(batch: Metrics, epoch: Metrics) -> list[str]:
     """Base metric names, one panel each: loss, accuracy-like, others, learning rate last."""
     names: list[str] = []
     for name in list(batch.names) + list(epoch.names):
-        base = name[4:] if name.startswith("val_") else name
+        base = base_name(name)
         if base not in names:
             names.append(base)
 
@@ -65,10 +86,12 @@ def _finite(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def write_curves(run: Run, path: str | os.PathLike) -> bool:
     """Draw loss, accuracy and every other logged metric against the training step.
 
-    Train values logged per step are drawn faint with a smoothed line over
-    them; validation values (logged per epoch) are markers at the step their
-    epoch ended; dotted vertical lines mark epoch boundaries. Each metric has
-    its own panel, the learning rate last.
+    Each step's own training value is drawn faint with a smoothed line over
+    it (metrics that are not means, which have no per-step value, show Keras'
+    epoch-so-far value, smoothed within epochs); validation values (logged
+    per epoch) are markers at the step their epoch ended; dotted vertical
+    lines mark epoch boundaries. Each metric has its own panel, the learning
+    rate last.
 
     Parameters
     ----------
@@ -122,13 +145,16 @@ def _epoch_boundaries(run: Run, epoch: Metrics) -> np.ndarray:
 def _draw_panel(ax, name: str, batch: Metrics, epoch: Metrics, boundaries: np.ndarray) -> None:
     color = "C0"
     drew_train = False
-    if name in batch.names:
-        steps, values = _finite(*batch.get(name))
+    column, per_step = train_column(batch, name)
+    if column is not None:
+        steps, values = _finite(*batch.get(column))
         if values.size:
-            ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
-            # Keras logs running means that restart each epoch: smooth within epochs.
-            cuts = np.searchsorted(steps, boundaries, side="right")
-            label = name.replace("_", " ") if name in _LEARNING_RATE else f"train {name}"
+            ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8,
+                    label=None if name in _LEARNING_RATE else
+                    f"train {name}, " + ("each step" if per_step else "epoch so far"))
+            # A running value restarts each epoch: smoothed within epochs then.
+            cuts = [] if per_step else np.searchsorted(steps, boundaries, side="right")
+            label = name.replace("_", " ") if name in _LEARNING_RATE else "smoothed"
             for k, (s_part, v_part) in enumerate(zip(np.split(steps, cuts),
                                                       np.split(values, cuts))):
                 if v_part.size:

@@ -17,7 +17,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import GifImagePlugin, Image
 
-from layerwatch.render import colormap
+from layerwatch.rendering import colormap
 
 
 class OverBudget(Exception):

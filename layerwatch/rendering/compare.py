@@ -1,7 +1,7 @@
 """Compare runs: the same layer of two or more recordings side by side, and their curves.
 
 Each frame of ``<layer>.gif`` puts one panel per run next to each other, every
-panel drawn exactly as :mod:`layerwatch.render` draws it (same frame layout,
+panel drawn exactly as :func:`layerwatch.render` draws it (same frame layout,
 palette and colour range rules) and captioned with the run's label and the
 step. Frames are aligned by step on the **intersection** of the runs' steps:
 every frame shows all runs at exactly the same training step, never a stale
@@ -24,12 +24,12 @@ from typing import BinaryIO, Callable, Sequence
 import numpy as np
 
 from layerwatch.outputs import compare_out_dir
-from layerwatch.render import colormap
-from layerwatch.render.gif import GifWriter, write_still
-from layerwatch.render.names import file_stems
-from layerwatch.render.options import check_options
-from layerwatch.render.panel import ROBUST_PERCENTILE, LayerPanel
-from layerwatch.render.selection import select_frames
+from layerwatch.rendering import colormap
+from layerwatch.rendering.gif import GifWriter, write_still
+from layerwatch.rendering.names import file_stems
+from layerwatch.rendering.options import check_options
+from layerwatch.rendering.panel import ROBUST_PERCENTILE, LayerPanel
+from layerwatch.rendering.selection import select_frames
 from layerwatch.store import Run, open_run
 
 _SEPARATOR = 4  # pixels (before scale) between panels
@@ -248,7 +248,7 @@ def compare(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | Non
     max_frames
         At most this many frames per GIF (first and last shared step kept).
     fps, scale, max_channels, value_range
-        As in :func:`layerwatch.render.render`.
+        As in :func:`layerwatch.render`.
     notes
         Called with one line per thing worth telling (the alignment chosen,
         probes that differ in value); without it nothing is printed.
@@ -361,13 +361,13 @@ def write_compare_curves(runs: Sequence[Run], labels: Sequence[str],
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    from layerwatch.render.curves import smooth
+    from layerwatch.rendering.curves import base_name, smooth, train_column
 
     batches = [run.metrics("batch") for run in runs]
     epochs = [run.metrics("epoch") for run in runs]
 
     def names_of(b, e) -> set[str]:
-        return set(b.names) | {n[4:] if n.startswith("val_") else n for n in e.names}
+        return {base_name(n) for n in list(b.names) + list(e.names)}
 
     shared = set.intersection(*(names_of(b, e) for b, e in zip(batches, epochs)))
     shared.discard("learning_rate")
@@ -382,8 +382,9 @@ def write_compare_curves(runs: Sequence[Run], labels: Sequence[str],
     for ax, name in zip(axes, order):
         for k, (batch, epoch, label) in enumerate(zip(batches, epochs, labels)):
             color = f"C{k % 10}"
-            if name in batch.names:
-                steps, values = batch.get(name)
+            column, _ = train_column(batch, name)
+            if column is not None:
+                steps, values = batch.get(column)
                 keep = np.isfinite(values)
                 steps, values = steps[keep], values[keep]
                 if values.size:

@@ -1,8 +1,8 @@
 """Render a recording into per-layer GIFs, final-step stills and training curves.
 
 Snapshots are streamed from the file a block at a time, drawn by a
-:class:`~layerwatch.render.panel.LayerPanel` into frames of palette indices and
-streamed into the GIF (:mod:`~layerwatch.render.gif`), so memory does not grow
+:class:`~layerwatch.rendering.panel.LayerPanel` into frames of palette indices and
+streamed into the GIF (:mod:`~layerwatch.rendering.gif`), so memory does not grow
 with the length of the run.
 """
 
@@ -18,12 +18,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from layerwatch.render.gif import GifWriter, OverBudget, write_still
+from layerwatch.rendering.gif import GifWriter, OverBudget, write_still
 from layerwatch.outputs import default_out_dir
-from layerwatch.render.names import file_stems, inside
-from layerwatch.render.options import check_options, check_range
-from layerwatch.render.panel import ROBUST_PERCENTILE, LayerPanel
-from layerwatch.render.selection import evenly_spaced, select_frames
+from layerwatch.rendering.names import file_stems, inside
+from layerwatch.rendering.options import check_options, check_range
+from layerwatch.rendering.panel import HOLD, MAX_HOLD, ROBUST_PERCENTILE, LayerPanel
+from layerwatch.rendering.selection import by_change, select_frames
 from layerwatch.store import RecordingError, open_run
 from layerwatch.text import format_bytes
 
@@ -64,8 +64,10 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
         Draw at most this many channels of a layer (the first ones); ``None``
         draws all.
     max_bytes
-        Byte budget for each GIF: frames are subsampled (first and last kept)
-        and then the scale reduced until the GIF fits. When even two frames at
+        Byte budget for each GIF: the colours' hysteresis is raised (up to 2
+        levels), then frames are dropped, those that move the picture least
+        towards its last frame first (first and last kept), and then the scale
+        reduced, until the GIF fits. When even two frames at
         scale 1 do not fit, no GIF is written for that layer (its still is).
     value_range
         Colour range for all layers: ``m`` for ``(-m, m)`` or ``(low, high)``.
@@ -142,7 +144,7 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                 still = inside(stage, stem + ".png")
                 write_still(still, panel.still(n - 1, scale), panel.layout(scale).palette)
                 written.append(still)
-            from layerwatch.render.curves import write_curves
+            from layerwatch.rendering.curves import write_curves
 
             curves = inside(stage, "curves.png")
             if write_curves(run, curves):
@@ -172,7 +174,9 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
 
 
 class _LayerGif:
-    """One layer's GIF, re-encoded with fewer frames or a smaller scale until it fits."""
+    """One layer's GIF, re-encoded until it fits: more hysteresis first (up to
+    :data:`~layerwatch.rendering.panel.MAX_HOLD` levels), then fewer frames (those
+    that move the picture least go first), then a smaller scale."""
 
     def __init__(self, panel: LayerPanel, *, fps: float):
         self.panel, self.fps = panel, fps
@@ -185,16 +189,23 @@ class _LayerGif:
             say.info(f"{path.name}: showing {layout.channels_shown} of {layout.channels} "
                      "channels (raise --max-channels to see more).")
         full = indices
-        current, current_scale = indices, scale
+        current, current_scale, hold = indices, scale, HOLD
+        progress = None  # how far each frame moves the picture: measured when frames must go
         while True:
             try:
-                self._encode(path, current, current_scale, max_bytes, counter)
+                self._encode(path, current, current_scale, hold, max_bytes, counter)
             except OverBudget as over:
+                if hold < MAX_HOLD and len(current) == len(full):  # cheaper frames first
+                    hold = min(MAX_HOLD, hold + 0.5)
+                    counter.add_total(len(current))
+                    continue
                 # Exact when the GIF was finished; extrapolated when it was cut
                 # short far over budget (early frames are the largest, so this
                 # overestimates and the next attempt errs small).
                 estimate = over.written * len(current) / max(over.frames, 1)
-                nxt = _next_attempt(full, current, current_scale, estimate, max_bytes)
+                if progress is None:
+                    progress = self.panel.progress(full)
+                nxt = _next_attempt(full, progress, current, current_scale, estimate, max_bytes)
                 if nxt is None:
                     say.warn(f"{path.name} not written: even its first and last frames at "
                              f"scale 1 exceed --max-bytes {format_bytes(max_bytes)}; see "
@@ -208,10 +219,14 @@ class _LayerGif:
                          + (f" at scale {current_scale} (asked {scale})"
                             if current_scale != scale else "")
                          + f" to stay within --max-bytes {format_bytes(max_bytes)}.")
+            if hold != HOLD:
+                say.info(f"{path.name}: colours follow values to within {hold:g} levels "
+                         f"(hysteresis raised from {HOLD:g}) to stay within --max-bytes "
+                         f"{format_bytes(max_bytes)}.")
             return True
 
-    def _encode(self, path: Path, indices: np.ndarray, scale: int, max_bytes: int | None,
-                counter: "_Counter") -> None:
+    def _encode(self, path: Path, indices: np.ndarray, scale: int, hold: float,
+                max_bytes: int | None, counter: "_Counter") -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         # Finish GIFs that may be near the budget, to learn their true size;
         # give up early on hopeless ones.
@@ -220,7 +235,7 @@ class _LayerGif:
             with open(tmp, "wb") as fp:
                 writer = GifWriter(fp, self.panel.layout(scale).palette, fps=self.fps,
                                    max_bytes=give_up)
-                for frame in self.panel.frames(indices, scale):
+                for frame in self.panel.frames(indices, scale, hold=hold):
                     writer.add(frame)
                     counter.step()
                 size = writer.close()
@@ -232,19 +247,21 @@ class _LayerGif:
                 tmp.unlink()
 
 
-def _next_attempt(full: np.ndarray, current: np.ndarray, scale: int, estimate: float,
-                  budget: int) -> tuple[np.ndarray, int] | None:
-    """Fewer frames first (down to a floor), then a smaller scale, then down to 2 frames."""
+def _next_attempt(full: np.ndarray, progress: np.ndarray, current: np.ndarray, scale: int,
+                  estimate: float, budget: int) -> tuple[np.ndarray, int] | None:
+    """Fewer frames first (those that move the picture least go first, down to a
+    floor), then a smaller scale, then down to 2 frames."""
     ratio = budget / estimate * 0.95  # aim a little under: sizes are not linear
     floor = min(len(full), _MIN_BUDGET_FRAMES)
     if len(current) > floor:
         count = max(floor, min(len(current) - 1, int(len(current) * ratio)))
-        return evenly_spaced(full, count), scale
+        return by_change(full, progress, count), scale
     if scale > 1:
         smaller = max(1, min(scale - 1, int(scale * math.sqrt(ratio))))
         return full, smaller
     if len(current) > 2:
-        return evenly_spaced(full, max(2, min(len(current) - 1, int(len(current) * ratio)))), 1
+        count = max(2, min(len(current) - 1, int(len(current) * ratio)))
+        return by_change(full, progress, count), 1
     return None
 
 

@@ -19,7 +19,7 @@ def watch(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
 
     Checks the file every ``interval`` seconds; when it holds more snapshots
     than at the last render, renders it again with
-    :func:`layerwatch.render.render` (``out_dir`` and ``render_options`` are
+    :func:`layerwatch.render` (``out_dir`` and ``render_options`` are
     passed on). Returns when the run is over — closed normally, stopped, or
     its writer gone — after a last render of everything it holds.
 
@@ -49,7 +49,7 @@ def watch(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
     ValueError
         ``interval`` is not positive, or a render option is invalid.
     """
-    from layerwatch.render.run import render
+    from layerwatch.rendering.run import render
 
     if not interval > 0:
         raise ValueError(f"interval must be > 0 seconds. Received: interval={interval!r}")

@@ -1,11 +1,11 @@
 """Rendering: a recording becomes pictures — GIFs, stills, curves, side-by-side comparisons.
 
-The stages, leaf first: :mod:`~layerwatch.render.colormap` (the palette),
-:mod:`~layerwatch.render.layout` (a frame's layout as palette indices),
-:mod:`~layerwatch.render.gif` (encoding), :mod:`~layerwatch.render.panel` (one
+The stages, leaf first: :mod:`~layerwatch.rendering.colormap` (the palette),
+:mod:`~layerwatch.rendering.layout` (a frame's layout as palette indices),
+:mod:`~layerwatch.rendering.gif` (encoding), :mod:`~layerwatch.rendering.panel` (one
 layer of one run, drawn: shared by everything below),
-:mod:`~layerwatch.render.run` (``render``), :mod:`~layerwatch.render.compare`,
-:mod:`~layerwatch.render.curves` and :mod:`~layerwatch.render.watch`.
+:mod:`~layerwatch.rendering.run` (``render``), :mod:`~layerwatch.rendering.compare`,
+:mod:`~layerwatch.rendering.curves` and :mod:`~layerwatch.rendering.watch`.
 """
 
 from .names import safe_stem
