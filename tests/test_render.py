@@ -385,3 +385,38 @@ def test_smoothing_does_not_lag():
     ramp = np.linspace(0, 1, 200)
     # a one-sided moving average of span 10 would trail the ramp by ~0.045
     assert np.abs(smooth(ramp) - ramp)[20:-20].max() < 0.005
+
+
+def test_max_bytes_keeps_the_frames_where_the_picture_moves(tmp_path):
+    """A layer that moves for 20 steps and then only jitters: a tight budget drops
+    the jittering frames first, and raises the hysteresis before that."""
+    rng = np.random.default_rng(0)
+    start, end = rng.uniform(-1, 1, (2, 2, 8, 8, 4))
+
+    def values(i, key, shape):
+        t = min(i, 20) / 20
+        jitter = 0.08 * rng.standard_normal((2, *shape)) if i > 20 else 0
+        return np.clip((1 - t) * start + t * end + jitter, -1, 1).astype(np.float32)
+
+    layers = [("conv", (8, 8, 4), dict(TANH, layer_name="conv"))]
+    run = make_run(tmp_path / "run.h5", n=100, layers=layers, values=values)
+    everything = render(run, tmp_path / "full")[0].stat().st_size
+    notes: list[str] = []
+    render(run, tmp_path / "out", max_bytes=int(everything * 0.45), notes=notes.append)
+    assert any("hysteresis raised" in note for note in notes), notes
+    kept = [line for line in notes if "kept" in line]
+    assert kept, notes
+    frames = iio.imread(tmp_path / "out" / "conv.gif", index=None)
+    assert (tmp_path / "out" / "conv.gif").stat().st_size <= everything * 0.45
+    # Read back which steps were kept from the captions' durations: the moving
+    # stretch (21 of 100 snapshots) keeps most of its frames.
+    from layerwatch.rendering.panel import LayerPanel
+    from layerwatch.rendering.selection import by_change
+    from layerwatch.store import open_run
+
+    with open_run(run) as opened:
+        progress = LayerPanel(opened, opened.layer("conv"), max_channels=None).progress(
+            np.arange(100))
+    chosen = by_change(np.arange(100), progress, len(frames))
+    assert np.isin(np.arange(21), chosen).sum() >= 18
+    assert np.isin(np.arange(21, 100), chosen).mean() < 0.5
