@@ -132,14 +132,16 @@ _max_bytes_option = click.option(
     help="Keep each GIF under this size (e.g. 2MB): fewer frames (the quietest first), then "
          "a smaller scale.")
 _quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+_max_channels_option = click.option(
+    "--max-channels", type=click.IntRange(min=0), default=32, show_default=True,
+    help="Draw at most N channels per layer (0: all).")
 #: The GIF look options shared by the commands that write GIFs.
 _gif_options = _options(
     click.option("--fps", type=click.FloatRange(min=0, min_open=True, max=50),
                  default=10.0, show_default=True, help="GIF frames per second."),
     click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True,
                  help="Integer pixel zoom."),
-    click.option("--max-channels", type=click.IntRange(min=0), default=32,
-                 show_default=True, help="Draw at most N channels per layer (0: all)."))
+    _max_channels_option)
 
 
 def _names(items: tuple[str, ...]) -> list[str] | None:
@@ -214,6 +216,45 @@ class _RenderProgress:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
+
+
+@main.command(short_help="Write a page to scrub through a run, every layer at one step.")
+@click.argument("run", type=click.Path(dir_okay=False))
+@_out_option("outputs/<run name>/view/")
+@_layers_option("Layers to show: comma-separated or repeated (default all).")
+@_max_frames_option
+@_max_channels_option
+@click.option("--follow", is_flag=True,
+              help="Keep rewriting the page while training writes RUN.h5, until the run ends.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="With --follow: seconds between checks for new snapshots.")
+@_quiet_option
+def view(run: str, out: str | None, layers: tuple[str, ...], max_frames: int | None,
+         max_channels: int, follow: bool, interval: float, quiet: bool) -> None:
+    """Write index.html: every layer of RUN.h5 held at one step, a slider through training.
+
+    The page opens from disk (no server, no network): drag the slider or use
+    the arrow keys, Home and End; hover a cell for its recorded value; click a
+    channel to see it large over training. The URL keeps the step
+    (index.html#step=120). Writing again over the same folder reuses what has
+    not changed; --follow does so whenever training has flushed new snapshots,
+    and an open page picks them up by itself.
+    """
+    from .view import follow_view, write_view
+
+    options = {"layers": _names(layers), "max_frames": max_frames,
+               "max_channels": max_channels or None}
+    if follow:
+        try:
+            follow_view(run, out, interval=interval, notes=_notes(quiet), **options)
+        except KeyboardInterrupt:
+            click.echo("Stopped following.")
+        return
+    written = write_view(run, out, notes=_notes(quiet), **options)
+    if not quiet:
+        total = sum(os.path.getsize(p) for p in written)
+        click.echo(f"{written[0]}  ({format_bytes(total)} with its {len(written) - 1} data "
+                   "and script files; open it in a browser)")
 
 
 @main.command(short_help="Re-render a recording while training writes it.")
@@ -336,7 +377,8 @@ def report(run: str, out: str | None, max_frames: int | None, max_bytes: int | N
 
     The page embeds every image and opens offline: run metadata, model
     summary, curves, drift and health plots, the settled table, and every
-    layer's GIF with its final still. report.md shows the same with relative
+    layer's GIF with its final still. Both link to the step viewer
+    (view/index.html, as `layerwatch view` writes it). report.md shows the same with relative
     image paths (for READMEs and wikis).
     """
     from .report import report as write_report
@@ -345,4 +387,5 @@ def report(run: str, out: str | None, max_frames: int | None, max_bytes: int | N
                            scale=scale, max_channels=max_channels or None, notes=_notes(quiet))
     if not quiet:
         _echo_written(written[:2])
-        click.echo(f"  and {len(written) - 2} images beside them")
+        click.echo(f"  and {len(written) - 3} images beside them; the step viewer: "
+                   f"{written[-1]}")

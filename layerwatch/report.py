@@ -8,6 +8,8 @@ Writes into a directory:
   settled table), health, and every layer's GIF with its final still;
 - ``report.md`` — the same in Markdown with relative image paths, for GitHub
   READMEs and wikis;
+- ``view/``, the step-slider page (:func:`layerwatch.view.write_view`), which
+  both link to (it needs its script, so it is not inside the report);
 - the images both refer to: ``<layer>.gif``/``<layer>.png`` and
   ``curves.png`` (from :func:`layerwatch.render`), ``drift.png`` and
   ``health.png``.
@@ -32,11 +34,14 @@ import numpy as np
 
 from layerwatch.analysis.drift import DriftResult, drift_of_run, plot_drift
 from layerwatch.analysis.health import HealthResult, health_of_run, plot_health
-from layerwatch.outputs import default_out_dir
+from layerwatch.outputs import default_out_dir, write_text
 from layerwatch.store.schema import (ATTR_FLUSH_SECONDS, ATTR_FLUSH_SNAPSHOTS, ATTR_WRITER_HOST,
                                      ATTR_WRITER_PID)
 from layerwatch.store import RecordingError, open_run
+from layerwatch.view import write_view
 
+_VIEW = "view"  # the step viewer's folder, beside the report
+_VIEWER_LINK = "Scrub through training: every layer at one step, hover for values"
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 _MAX_META_VALUE = 300  # characters of one metadata value shown
 #: Root attributes about the writing process, not the run: `layerwatch info` shows
@@ -97,7 +102,8 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
     Returns
     -------
     list of pathlib.Path
-        ``report.html``, ``report.md`` and the images they show.
+        ``report.html``, ``report.md``, the images they show and, last, the
+        step viewer's ``view/index.html``.
 
     Raises
     ------
@@ -123,6 +129,7 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
 
     rendered = render(path, out, max_frames=max_frames, max_bytes=max_bytes, fps=fps,
                       scale=scale, max_channels=max_channels, notes=collect)
+    viewer = write_view(path, out / _VIEW, max_channels=max_channels)[0]
     with open_run(path) as run:
         if run.num_snapshots == 0:
             raise RecordingError(f"{run.path} holds no snapshot yet: nothing to report.")
@@ -160,10 +167,10 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
             render_notes=render_notes)
     html_path = out / "report.html"
     md_path = out / "report.md"
-    _write_text(html_path, _html(data))
-    _write_text(md_path, _markdown(data))
+    write_text(html_path, _html(data))
+    write_text(md_path, _markdown(data))
     images = [p for p in rendered] + [p for p in (drift_png, health_png) if p is not None]
-    return [html_path, md_path] + images
+    return [html_path, md_path] + images + [viewer]
 
 
 def _layer_files(rendered: list[Path], n_layers: int) -> list[tuple[Path | None, Path | None]]:
@@ -189,12 +196,6 @@ def _short(value: Any) -> str:
         value = value.tolist()
     text = str(value)
     return text if len(text) <= _MAX_META_VALUE else text[:_MAX_META_VALUE] + "…"
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- #
@@ -252,6 +253,8 @@ def _html(r: _Report) -> str:
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>{e(r.title)}</h1>",
         f'<p class="sub">layerwatch report of <code>{e(r.source)}</code> · {e(r.probes)}</p>',
+        f'<p><a href="{_VIEW}/index.html">{_VIEWER_LINK}</a> (opens the page beside '
+        "this report).</p>",
         "<h2>Run</h2><table>",
     ]
     parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in r.meta]
@@ -350,6 +353,7 @@ def _markdown(r: _Report) -> str:
     out = r.health_png.parent
     lines = [f"# {_md(r.title)}", "",
              f"layerwatch report of `{_md(r.source)}`: {_md(r.probes)}", "",
+             f"[{_VIEWER_LINK}]({_VIEW}/index.html)", "",
              "## Run", "", "| attribute | value |", "|---|---|"]
     lines += [f"| {_md(k)} | {_md(v)} |" for k, v in r.meta]
     if r.summary.strip():

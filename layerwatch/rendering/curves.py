@@ -56,6 +56,9 @@ def train_column(batch: Metrics, name: str) -> tuple[str | None, bool]:
         if name + suffix in batch.names:
             return name + suffix, False
     return None, False
+def is_accuracy(name: str) -> bool:
+    """Whether a metric name is accuracy-like (``accuracy``, ``acc``, ``top_k_accuracy`` …)."""
+    return any(name == a or name.endswith("_" + a) for a in _ACCURACY)
 
 
 def _panels(batch: Metrics, epoch: Metrics) -> list[str]:
@@ -71,7 +74,7 @@ def _panels(batch: Metrics, epoch: Metrics) -> list[str]:
             return 0, 0
         if name in _LEARNING_RATE:
             return 3, 0
-        if any(name == a or name.endswith("_" + a) for a in _ACCURACY):
+        if is_accuracy(name):
             return 1, names.index(name)
         return 2, names.index(name)
 

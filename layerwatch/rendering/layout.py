@@ -135,6 +135,16 @@ class FrameLayout:
         The ``(256, 3)`` uint8 palette every frame of this layer uses.
     channels_shown, channels
         How many channels are drawn, of how many.
+    grid_top, grid_left
+        Frame pixel of the top-left corner of the first probe's input cell;
+        cell ``(row, probe)`` (row 0 the inputs, row ``1 + c`` channel ``c``)
+        starts ``(cell_height + gap) * (row, probe)`` pixels further.
+    cell_height, cell_width, gap
+        Size of one cell and of the lines between cells, in frame pixels.
+    cell_values_shape
+        ``(h, w)`` values one cell shows; frame pixel ``(y, x)`` of a cell shows
+        value ``(y * h // cell_height, x * w // cell_width)`` of
+        :meth:`cell_values`.
     """
 
     height: int
@@ -142,12 +152,31 @@ class FrameLayout:
     palette: np.ndarray
     channels_shown: int
     channels: int
+    grid_top: int
+    grid_left: int
+    cell_height: int
+    cell_width: int
+    gap: int
+    cell_values_shape: tuple[int, int]
     _base: np.ndarray
     _src: np.ndarray
     _grid_top: int
     _grid_bottom: int
     _zoom: int
     _caption_box: tuple[int, int, int, int]
+    _cell_coords: list[tuple[np.ndarray, ...]]
+
+    def cell_values(self, activations: np.ndarray) -> np.ndarray:
+        """The values the channel cells show: ``(probes, channels_shown, h, w)``.
+
+        ``activations`` is one snapshot ``(probes, *layer shape)``, or several
+        ``(snapshots, probes, *layer shape)``, which give
+        ``(snapshots, probes, channels_shown, h, w)``; the dtype is kept.
+        """
+        a = np.asarray(activations)
+        lead = a.ndim - 1 - len(self._cell_coords[0])
+        cells = [a[(slice(None),) * (lead + 1) + coords] for coords in self._cell_coords]
+        return np.stack(cells, axis=lead + 1)
 
     def compose(self, activations: np.ndarray, vmin: float, vmax: float,
                 caption: str = "") -> np.ndarray:
@@ -264,6 +293,7 @@ def build_layout(layer_shape: Sequence[int], channel_axis: int, probes_x: np.nda
     src[:, x0:x0 + grid_w] = size
     cy, cx = _nearest(cell_h, lh), _nearest(cell_w, lw)
     coords = _coords(shape, channel_axis, cy, cx)
+    value_coords = _coords(shape, channel_axis, np.arange(lh), np.arange(lw))
     for c in range(shown):
         for p in range(n_probes):
             flat = np.ravel_multi_index((p, *coords(c)), (n_probes, *shape))
@@ -274,8 +304,11 @@ def build_layout(layer_shape: Sequence[int], channel_axis: int, probes_x: np.nda
         src = src.astype(np.int32)
     caption_box = (_PAD // 2 * scale, _PAD * scale, header_h, width)
     return FrameLayout(height=height, width=width, palette=palette, channels_shown=shown,
-                       channels=channels, _base=base, _src=src, _grid_top=grid_top,
-                       _grid_bottom=grid_bottom, _zoom=scale, _caption_box=caption_box)
+                       channels=channels, grid_top=top, grid_left=x0 + gap,
+                       cell_height=cell_h, cell_width=cell_w, gap=gap,
+                       cell_values_shape=(lh, lw), _base=base, _src=src, _grid_top=grid_top,
+                       _grid_bottom=grid_bottom, _zoom=scale, _caption_box=caption_box,
+                       _cell_coords=[tuple(value_coords(c)) for c in range(shown)])
 
 
 def _coords(shape: tuple[int, ...], channel_axis: int, cy: np.ndarray, cx: np.ndarray):

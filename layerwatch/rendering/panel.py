@@ -139,17 +139,25 @@ class LayerPanel:
         return self.layout(scale).compose(self.run.activations(self.layer.key, index),
                                           self.vmin, self.vmax, self.caption(index))
 
-    def frames(self, indices: Sequence[int], scale: int, *, hold: float = HOLD
-               ) -> Iterator[np.ndarray]:
-        """The GIF frames of these snapshots, with ``hold`` levels of hysteresis:
-        the first is exact, later cells change colour only when their value
-        leaves the level they show by more than ``hold`` levels."""
+    def frames(self, indices: Sequence[int], scale: int, *,
+               hold: float = HOLD) -> Iterator[np.ndarray]:
+        """The GIF frames of these snapshots, with ``hold`` hysteresis (default
+        :data:`HOLD`): the first is exact, later cells change colour only when
+        their value leaves its level by more than ``0.5 + hold`` levels.
+        ``hold=0`` draws every frame exact, as :meth:`still` does."""
+        for frame, _ in self.frames_and_values(indices, scale, hold=hold):
+            yield frame
+
+    def frames_and_values(self, indices: Sequence[int], scale: int, *, hold: float = HOLD
+                          ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Like :meth:`frames`, each frame with the snapshot it was drawn from
+        (``(probes, *layer shape)``, float32)."""
         layout = self.layout(scale)
         previous = None
         for i, activations in zip(indices, self._stream(np.asarray(indices))):
             previous = value_indices(activations, self.vmin, self.vmax, previous=previous,
                                      hold=hold)
-            yield layout.compose_indices(previous, self.caption(int(i)))
+            yield layout.compose_indices(previous, self.caption(int(i))), activations
 
     def progress(self, indices: Sequence[int]) -> np.ndarray:
         """Per snapshot of ``indices``, how far it moved the picture towards the

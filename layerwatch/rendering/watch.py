@@ -14,12 +14,13 @@ Notes = Callable[[str], None]
 
 def watch(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
           interval: float = 10.0, notes: Notes | None = None,
-          sleep: Callable[[float], Any] = time.sleep, **render_options: Any) -> str:
+          sleep: Callable[[float], Any] = time.sleep,
+          build: Callable[..., list] | None = None, **render_options: Any) -> str:
     """Re-render a recording whenever new snapshots are flushed, until the run ends.
 
     Checks the file every ``interval`` seconds; when it holds more snapshots
-    than at the last render, renders it again with
-    :func:`layerwatch.render` (``out_dir`` and ``render_options`` are
+    than at the last render, renders it again with ``build`` (default
+    :func:`layerwatch.render`; ``out_dir`` and ``render_options`` are
     passed on). Returns when the run is over — closed normally, stopped, or
     its writer gone — after a last render of everything it holds.
 
@@ -35,6 +36,10 @@ def watch(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
         Called with one line after each render and when the run ends.
     sleep
         Waits between checks (tests pass a fake one).
+    build
+        What writes the outputs, called as ``build(path, out_dir, **render_options)``
+        and returning the paths written (:func:`layerwatch.view.write_view` for the
+        viewer page).
 
     Returns
     -------
@@ -49,7 +54,8 @@ def watch(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
     ValueError
         ``interval`` is not positive, or a render option is invalid.
     """
-    from layerwatch.rendering.run import render
+    if build is None:
+        from layerwatch.rendering.run import render as build
 
     if not interval > 0:
         raise ValueError(f"interval must be > 0 seconds. Received: interval={interval!r}")
@@ -61,7 +67,7 @@ def watch(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
             run.refresh()
             n, steps = run.num_snapshots, run.steps
         if n > rendered:
-            written = render(path, out_dir, **render_options)
+            written = build(path, out_dir, **render_options)
             rendered = n
             where = Path(written[0]).parent if written else out_dir
             say(f"rendered {n} snapshot(s), up to step {steps[-1]}, into {where}")
