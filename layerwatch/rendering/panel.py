@@ -22,8 +22,8 @@ from layerwatch.rendering.selection import evenly_spaced
 from layerwatch.store import LayerInfo, Run
 
 #: Hysteresis of GIF frames, in colour levels (see
-#: :func:`layerwatch.rendering.colormap.value_indices`): a cell's colour changes only
-#: when its value leaves the level it shows by more than this, which removes
+#: :func:`layerwatch.rendering.colormap.value_indices`): a cell keeps its colour
+#: while its value stays within ``0.5 + HOLD`` levels of it, which removes
 #: flicker between neighbouring levels and makes slowly drifting GIFs a third
 #: to a half smaller. Stills and a GIF's first frame are exact to the level.
 HOLD = 1.0

@@ -220,9 +220,9 @@ class _LayerGif:
                             if current_scale != scale else "")
                          + f" to stay within --max-bytes {format_bytes(max_bytes)}.")
             if hold != HOLD:
-                say.info(f"{path.name}: colours follow values to within {hold:g} levels "
-                         f"(hysteresis raised from {HOLD:g}) to stay within --max-bytes "
-                         f"{format_bytes(max_bytes)}.")
+                say.info(f"{path.name}: colours follow values to within {0.5 + hold:g} "
+                         f"colour levels (hysteresis raised from {HOLD:g} to {hold:g}) to stay "
+                         f"within --max-bytes {format_bytes(max_bytes)}.")
             return True
 
     def _encode(self, path: Path, indices: np.ndarray, scale: int, hold: float,
