@@ -99,6 +99,44 @@ def test_recorded_equals_recomputed_before_during_and_after(tmp_path, tiny_data)
     assert not np.allclose(recorded[0][0], recorded[0][-1], atol=ATOL)  # training moved it
 
 
+def _finite_difference_saliency(model, probes, labels, eps=1e-2):
+    """d model(x)[label] / dx by central differences, one batched call per side."""
+    size = probes[0].size
+    basis = np.eye(size, dtype=np.float64).reshape((size,) + probes.shape[1:]) * eps
+    plus = (probes[:, None] + basis[None]).reshape((-1,) + probes.shape[1:])
+    minus = (probes[:, None] - basis[None]).reshape((-1,) + probes.shape[1:])
+
+    def at_label(batch):
+        out = keras.ops.convert_to_numpy(model(batch.astype("float32"), training=False))
+        out = out.astype(np.float64).reshape(len(probes), size, -1)
+        return out[np.arange(len(probes)), :, labels]
+
+    return ((at_label(plus) - at_label(minus)) / (2 * eps)).reshape(probes.shape)
+
+
+def test_saliency_at_the_last_step_matches_finite_differences(tmp_path, tiny_data):
+    x, y = tiny_data
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(3, 3, activation="tanh", name="conv1")(inputs)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(h))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    probes, labels = x[:3], y[:3].astype(int)
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[LayerWatch(path, probes, labels, saliency=True, budget=None)])
+    with h5py.File(path, "r") as f:
+        saliency, steps = f["saliency"][:], f["steps"][:]
+        assert len(f["activations/conv1"]) == len(steps)
+    assert saliency.shape == (len(steps), 3, 8, 8, 1) and saliency.dtype == np.float32
+    want = _finite_difference_saliency(model, probes, labels)
+    scale = np.abs(want).max()
+    assert scale > 0
+    np.testing.assert_allclose(saliency[-1], want, atol=2e-2 * scale)
+    assert not np.allclose(saliency[0], saliency[-1], atol=2e-2 * scale)  # training moved it
+
+
 @pytest.mark.skipif(BACKEND == "torch", reason="Keras refuses steps_per_execution > 1 on torch")
 def test_steps_per_execution_records_true_steps(tmp_path, tiny_data):
     x, y = tiny_data

@@ -116,6 +116,15 @@ class LayerWatch(keras.callbacks.Callback):
         HDF5 filter of the activations. ``"gzip"`` is byte shuffle + deflate,
         compressed by layerwatch itself with ISA-L (a standard stream any HDF5
         reader inflates).
+    saliency : bool, default False
+        Also record, at every recorded step, each probe's saliency map: the
+        gradient of the model's output at the probe's label (the top class
+        without ``probe_labels``) with respect to the input, signed, in
+        inference mode, on that step's weights — the output as it is (after a
+        softmax, the probability). Stored as float32 in the dataset
+        ``saliency``, ``(snapshots, probes, *input shape)``. One-input,
+        one-output models with a floating-point input only (else a ValueError
+        at ``fit``'s start).
 
     Notes
     -----
@@ -148,7 +157,8 @@ class LayerWatch(keras.callbacks.Callback):
                  flush_snapshots: int = 32, compression: str | None = "gzip",
                  max_channels: int | None = None, channel_selection: str = "first",
                  budget: float | None = 0.2, analysis_probes: Any = None,
-                 analysis_every: int = 10, disk_budget: float | None = DISK_BUDGET):
+                 analysis_every: int = 10, disk_budget: float | None = DISK_BUDGET,
+                 saliency: bool = False):
         super().__init__()
         # A worker that will not write must not refuse the chief's file.
         self.path = check_path(path, mode if env_is_chief() else "overwrite")
@@ -172,6 +182,7 @@ class LayerWatch(keras.callbacks.Callback):
         self.channel_selection = channel_selection
         self.budget = None if budget is None else float(budget)
         self.disk_budget = None if disk_budget is None else float(disk_budget)
+        self.saliency = bool(saliency)
         self._probes: ProbePass | None = None      # built once per model
         self._fusion: FusedProbePass | None = None  # built once, reused by later fits
         self._deferred: DeferredSnapshot | None = None  # this fit's fused snapshots
@@ -210,11 +221,11 @@ class LayerWatch(keras.callbacks.Callback):
                                        steps_per_epoch=steps_per_epoch,
                                        read=None if distributed else self._read_count)
         step = self._read_step()
-        first = self._probes.snapshot()
-        self._open_writer(model, first, step)
+        first = self._snapshot()
+        self._open_writer(model, self._split(first)[0], step)
         _open_writers.add(self._writer)
         if not self._disk_checked:  # once per callback, like the time budget
-            self._check_disk(first)
+            self._check_disk(*self._split(first))
             self._disk_checked = True
         if self._last_step != step:
             self._record(step, first, self._analysis_grams(step))
@@ -309,7 +320,8 @@ class LayerWatch(keras.callbacks.Callback):
         self._probes = ProbePass(
             model, self.probes, layers=self.layers, dtype=self.dtype,
             max_channels=self.max_channels, channel_selection=self.channel_selection,
-            analysis_probes=self.analysis_probes, stored_channels=self._stored_channels)
+            analysis_probes=self.analysis_probes, stored_channels=self._stored_channels,
+            saliency=self.saliency, labels=self.probe_labels)
 
     def _stored_channels(self, taps: list[Tap]) -> dict[int, Any] | None:
         """Channels kept by the recording being resumed (variance is not re-chosen)."""
@@ -331,7 +343,7 @@ class LayerWatch(keras.callbacks.Callback):
             self._writer = RunWriter.append(
                 self.path, layers=specs, probes_x=probes.inputs[0], probes_y=self.probe_labels,
                 from_step=step, analysis_probes=probes.analysis_count,
-                **options)
+                saliency=probes.saliency_shape is not None, **options)
             self._last_step = self._writer.resumed.last_step
             self._last_analysis = self._writer.resumed.last_analysis
         else:
@@ -343,7 +355,8 @@ class LayerWatch(keras.callbacks.Callback):
                 texts=model_texts(model), storage_dtype=self.dtype,
                 compression=self.compression,
                 analysis_probes_x=_first(probes.analysis_feed),
-                analysis_every=self.analysis_every, **options)
+                analysis_every=self.analysis_every, saliency_shape=probes.saliency_shape,
+                **options)
             self._last_step = self._last_analysis = None
         self._owns_file = True
         self._failed = False
@@ -354,17 +367,29 @@ class LayerWatch(keras.callbacks.Callback):
         if fusion is None or fusion.recorder is not self._probes.recorder \
                 or not fusion.install():
             fusion = self._fusion = FusedProbePass(model, self._probes.recorder,
-                                                   self._probes.feed)
+                                                   self._probes.feed,
+                                                   saliency=self._probes.saliency_graph)
             fusion.install()
         return fusion
 
     def _snapshot(self) -> list[np.ndarray]:
+        """One array per tap, then (with ``saliency=True``) the saliency maps:
+        the form a fused call's snapshot has too (see :meth:`_split`)."""
         # Reading Callback.model syncs JAX's functional training state back into
         # the variables the probe function reads (a no-op on other backends).
         self.model  # noqa: B018
         # Keras' compiled predict step (built once, inference mode), without
         # predict()'s per-call data pipeline; see extractor.probe_function.
-        return self._probes.snapshot()
+        arrays = self._probes.snapshot()
+        saliency = self._probes.saliency()
+        return arrays if saliency is None else arrays + [saliency]
+
+    def _split(self, arrays: list[np.ndarray] | None
+               ) -> tuple[list[np.ndarray] | None, np.ndarray | None]:
+        """(the taps' arrays, the saliency maps or None) of a snapshot."""
+        if arrays is None or self._probes.saliency_shape is None:
+            return arrays, None
+        return arrays[:-1], np.asarray(arrays[-1], dtype=np.float32)
 
     def _analysis_grams(self, step: int, *, final: bool = False) -> list[np.ndarray] | None:
         """The analysis probes' Gram matrices now, if ``step`` is an analysis step."""
@@ -377,7 +402,9 @@ class LayerWatch(keras.callbacks.Callback):
 
     def _record(self, step: int, arrays: list[np.ndarray] | None,
                 grams: list[np.ndarray] | None, *, epoch: int | None = None) -> None:
-        self._writer.add_snapshot(step, self._epoch if epoch is None else epoch, arrays, grams)
+        arrays, saliency = self._split(arrays)
+        self._writer.add_snapshot(step, self._epoch if epoch is None else epoch, arrays, grams,
+                                  saliency=saliency)
         self._last_step = step
 
     def _take_deferred(self, *, now: bool = False) -> None:
@@ -452,7 +479,7 @@ class LayerWatch(keras.callbacks.Callback):
         else:
             warnings.warn(verdict.message, RuntimeWarning, stacklevel=2)
 
-    def _check_disk(self, first: list[np.ndarray]) -> None:
+    def _check_disk(self, first: list[np.ndarray], saliency: np.ndarray | None = None) -> None:
         """Warn once (or, with every="auto", record less often) when the planned
         run would write more than ``disk_budget`` or than the disk has free."""
         params = self.params or {}
@@ -466,6 +493,8 @@ class LayerWatch(keras.callbacks.Callback):
         planned = int(epochs) * int(steps)
         n = self._probes.analysis_count  # analysis Grams: n×n float32 per layer, as written
         grams = n * n * 4 * len(first) * (planned // self.analysis_every + 2) if n else 0
+        if saliency is not None:  # float32, counted uncompressed (an upper bound)
+            grams += saliency.nbytes * (planned // self.every + 2)
         verdict = over_disk(
             per_layer=snapshot_bytes(first, self.compression),
             names=[tap.key for tap in self._probes.taps], channels=self._probes.kept_channels,

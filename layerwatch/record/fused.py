@@ -44,12 +44,14 @@ class FusedProbePass:
 
     While installed, set :attr:`wanted` and the next train call runs the fused
     function; :meth:`take` then returns its probe activations (NumPy arrays,
-    one per output of ``recorder``) and the learning rate, or None if no fused
+    one per output of ``recorder``, then the saliency maps if ``saliency`` was
+    given) and the learning rate, or None if no fused
     call ran since. Built
     once and reused by later fits, so it is traced once.
     """
 
-    def __init__(self, model: keras.Model, recorder: keras.Model, probes: Any):
+    def __init__(self, model: keras.Model, recorder: keras.Model, probes: Any,
+                 saliency: Callable[[Any], Any] | None = None):
         import tensorflow as tf
 
         self._model = model
@@ -63,6 +65,10 @@ class FusedProbePass:
             # starts from, and the update wait for them.
             outputs = recorder(constant, training=False)
             outputs = tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
+            if saliency is not None:
+                # The input gradient of the probes (a tape of its own, on the
+                # same starting weights): handed back after the activations.
+                outputs += (saliency(constant),)
             # The learning rate at the same step, read here rather than by a
             # separate (and, per step, costly) variable read.
             rate = getattr(model.optimizer, "learning_rate", None)

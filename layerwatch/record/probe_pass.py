@@ -48,7 +48,8 @@ class ProbePass:
     def __init__(self, model: keras.Model, probes: Any, *, layers: LayerSelector,
                  dtype: str, max_channels: int | None, channel_selection: str,
                  analysis_probes: Any = None,
-                 stored_channels: Callable[[list[Tap]], dict[int, Any] | None] | None = None):
+                 stored_channels: Callable[[list[Tap]], dict[int, Any] | None] | None = None,
+                 saliency: bool = False, labels: np.ndarray | None = None):
         self.model = model
         arrays = arrange_probes(model, probes)
         specs = input_spec(model, arrays)
@@ -79,6 +80,19 @@ class ProbePass:
         self.dtypes = storage_dtypes(self.taps, extractor.outputs, dtype)
         self.recorder = cast_outputs(recorder, self.dtypes)
         self._predict = probe_function(model, self.recorder)
+        #: With ``saliency=True``: the compiled input-gradient function (:func:`saliency_function`).
+        self.saliency_graph: Callable[[Any], Any] | None = None
+        self._saliency: Callable[[], Any] | None = None
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        if saliency:
+            check_saliency(model, self.inputs)
+            self.saliency_graph, self._saliency = saliency_function(
+                model, self.inputs[0], self.labels)
+
+    @property
+    def saliency_shape(self) -> tuple[int, ...] | None:
+        """The per-probe shape of a saliency map (the input's), or None without saliency."""
+        return None if self._saliency is None else tuple(self.inputs[0].shape[1:])
 
     @property
     def count(self) -> int:
@@ -102,9 +116,114 @@ class ProbePass:
         """The recorded tensors of the probes now, one array per tap."""
         return _numpy(self._predict(self.feed))
 
+    def saliency(self) -> np.ndarray | None:
+        """d output[label] / d input of every probe now, float32 (None without saliency)."""
+        if self._saliency is None:
+            return None
+        return np.asarray(keras.ops.convert_to_numpy(self._saliency()), dtype=np.float32)
+
     def grams(self) -> list[np.ndarray] | None:
         """The analysis probes' Gram matrices now, one per tap (None without analysis probes)."""
         return None if self._grams is None else _numpy(self._grams(self.analysis_feed))
+
+
+def check_saliency(model: keras.Model, inputs: list[np.ndarray]) -> None:
+    """Saliency needs one floating-point input and one output: refuse others at fit start."""
+    if len(inputs) != 1:
+        raise ValueError(
+            f"saliency=True needs a model with one input; model '{model.name}' has "
+            f"{len(inputs)}. Record without saliency.")
+    if not np.issubdtype(inputs[0].dtype, np.floating):
+        raise ValueError(
+            f"saliency=True needs a floating-point input (the gradient with respect to it); "
+            f"model '{model.name}' takes {inputs[0].dtype}.")
+    outputs = model.outputs if getattr(model, "outputs", None) else None
+    if outputs is not None and len(outputs) != 1:
+        raise ValueError(
+            f"saliency=True needs a model with one output; model '{model.name}' has "
+            f"{len(outputs)}.")
+
+
+def _picked(out: Any, labels: Any) -> Any:
+    """Sum over probes of each probe's output at its label (the top class without labels).
+
+    ``out`` is the model's output as it is (after a softmax: the probability);
+    one unit per probe is used as it is. Built from ``keras.ops``, so it
+    traces under each backend's own autodiff."""
+    ops = keras.ops
+    out = ops.reshape(ops.cast(out, "float32"), (ops.shape(out)[0], -1))
+    if labels is None:
+        labels = ops.argmax(ops.stop_gradient(out), axis=-1)
+    index = ops.reshape(ops.cast(labels, "int32"), (-1, 1))
+    return ops.sum(ops.take_along_axis(out, index, axis=1))
+
+
+def saliency_function(model: keras.Model, x: np.ndarray, labels: np.ndarray | None
+                      ) -> tuple[Callable[[Any], Any] | None, Callable[[], Any]]:
+    """The saliency maps of the probes ``x``: d model(x)[label] / dx, inference mode.
+
+    Returns ``(graph, call)``: ``call()`` computes them at the current weights —
+    a ``tf.function`` with a ``GradientTape`` on TensorFlow, ``jax.jit(jax.grad)``
+    over ``model.stateless_call`` on JAX (the current variable values passed in),
+    ``torch.autograd.grad`` on torch (eager). ``graph(constant)`` (TensorFlow
+    only, else None) builds the same ops inside another TensorFlow graph: the
+    fused train step (:mod:`~layerwatch.record.fused`).
+    """
+    backend = keras.backend.backend()
+    labels_ = None if labels is None else np.asarray(labels, dtype=np.int32)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        y = None if labels_ is None else tf.constant(labels_)
+
+        def graph(constant):
+            constant = tf.convert_to_tensor(constant)
+            with tf.GradientTape() as tape:
+                tape.watch(constant)
+                out = model(constant, training=False)
+                if isinstance(out, (list, tuple)):
+                    out = out[0]
+                picked = _picked(out, y)
+            return tf.cast(tape.gradient(picked, constant), tf.float32)
+
+        compiled = tf.function(graph, reduce_retracing=True)
+        feed = tf.constant(x)
+        return graph, lambda: compiled(feed)
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        y = None if labels_ is None else jnp.asarray(labels_)
+
+        def picked(inputs, trainable, non_trainable):
+            out, _ = model.stateless_call(trainable, non_trainable, inputs, training=False)
+            if isinstance(out, (list, tuple)):
+                out = out[0]
+            return _picked(out, y)
+
+        grad = jax.jit(jax.grad(picked))
+        feed = jnp.asarray(x)
+
+        def call():
+            return grad(feed, [v.value for v in model.trainable_variables],
+                        [v.value for v in model.non_trainable_variables])
+        return None, call
+    if backend == "torch":
+        import torch
+
+        def call():
+            device = next((v.value.device for v in model.variables), "cpu")
+            inputs = torch.tensor(x, device=device, requires_grad=True)
+            y = None if labels_ is None else torch.tensor(labels_, device=device)
+            with torch.enable_grad():
+                out = model(inputs, training=False)
+                if isinstance(out, (list, tuple)):
+                    out = out[0]
+                picked = _picked(out, y)
+                (grad,) = torch.autograd.grad(picked, inputs)
+            return grad.detach().float().cpu().numpy()
+        return None, call
+    raise ValueError(f"saliency=True is not supported on the {backend!r} backend.")
 
 
 def _feed(arrays: list[np.ndarray]) -> Any:

@@ -11,7 +11,7 @@ same hysteresis.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,16 +35,22 @@ _RANGE_SNAPSHOTS = 64  # snapshots sampled for the robust range
 _RANGE_VALUES = 1 << 16  # values sampled per snapshot for it
 
 
-def robust_max(run: Run, key: str, n: int | None = None) -> float:
+def robust_max(run: Run, key: str, n: int | None = None, *,
+               read: Callable[[list[int]], Iterable[np.ndarray]] | None = None) -> float:
     """The 99.9th percentile of |activation| of one layer over the run (sampled).
 
     Up to 64 evenly spaced snapshots and up to 65,536 values of each are used,
     so memory stays small for long runs and large layers. Non-finite values
     are ignored; 1.0 is returned when nothing finite and non-zero is left.
+    ``read(indices)`` reads other per-snapshot values instead of the layer's
+    (the saliency maps: :mod:`~layerwatch.rendering.saliency`).
     """
     n = run.num_snapshots if n is None else n
+    if read is None:
+        def read(indices):
+            return run.iter_activations(key, indices)
     samples = []
-    for a in run.iter_activations(key, evenly_spaced(n, _RANGE_SNAPSHOTS).tolist()):
+    for a in read(evenly_spaced(n, _RANGE_SNAPSHOTS).tolist()):
         flat = np.abs(a.ravel())
         stride = max(1, flat.size // _RANGE_VALUES)
         flat = flat[::stride]
@@ -136,8 +142,8 @@ class LayerPanel:
 
     def still(self, index: int, scale: int) -> np.ndarray:
         """The frame of one snapshot, exact to the nearest colour level."""
-        return self.layout(scale).compose(self.run.activations(self.layer.key, index),
-                                          self.vmin, self.vmax, self.caption(index))
+        return self.layout(scale).compose(self._values(index), self.vmin, self.vmax,
+                                          self.caption(index))
 
     def frames(self, indices: Sequence[int], scale: int, *,
                hold: float = HOLD) -> Iterator[np.ndarray]:
@@ -169,7 +175,7 @@ class LayerPanel:
         cells flicker.
         """
         indices = np.asarray(indices)
-        last = self.run.activations(self.layer.key, int(indices[-1]))
+        last = self._values(int(indices[-1]))
         level = (self.vmax - self.vmin) / max(colormap.LEVELS - 1, 1)
         distance = np.array([float(np.nanmean(np.abs(a - last))) for a in self._stream(indices)])
         moved = np.abs(np.diff(distance, prepend=distance[:1])) / level
@@ -179,13 +185,17 @@ class LayerPanel:
         """The snapshots at ``indices`` one by one, runs of consecutive snapshots
         read in blocks (one HDF5 read per block is much cheaper than one per
         snapshot); memory stays at one block."""
-        key = self.layer.key
         start = 0
         while start < len(indices):
             stop = min(start + block, len(indices))
             first, last = int(indices[start]), int(indices[stop - 1])
             if last - first == stop - start - 1:
-                yield from self.run.activations(key, slice(first, last + 1))
+                yield from self._values(slice(first, last + 1))
             else:
-                yield from self.run.iter_activations(key, indices[start:stop].tolist())
+                yield from self._values(indices[start:stop].tolist())
             start = stop
+
+    def _values(self, index) -> np.ndarray:
+        """What is drawn, indexed along snapshots as :meth:`Run.activations` is
+        (a subclass draws something else: :class:`~layerwatch.rendering.saliency.SaliencyPanel`)."""
+        return self.run.activations(self.layer.key, index)

@@ -23,6 +23,7 @@ from layerwatch.outputs import default_out_dir
 from layerwatch.rendering.names import file_stems, inside
 from layerwatch.rendering.options import check_options, check_range
 from layerwatch.rendering.panel import HOLD, MAX_HOLD, ROBUST_PERCENTILE, LayerPanel
+from layerwatch.rendering.saliency import NAME as SALIENCY, SaliencyPanel, saliency_layer
 from layerwatch.rendering.selection import by_change, select_frames
 from layerwatch.store import RecordingError, open_run
 from layerwatch.text import format_bytes
@@ -40,7 +41,8 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
            max_channels: int | None = 32, max_bytes: int | None = None,
            value_range: float | tuple[float, float] | None = None,
            progress: Progress | None = None, notes: Notes | None = None) -> list[Path]:
-    """Render a recording: ``<layer>.gif``, ``<layer>.png`` per layer and ``curves.png``.
+    """Render a recording: ``<layer>.gif``, ``<layer>.png`` per layer and ``curves.png``,
+    and ``saliency.gif`` / ``saliency.png`` when the run recorded saliency maps.
 
     Parameters
     ----------
@@ -74,6 +76,7 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
         Default: a bounded activation's natural range made symmetric around 0
         (tanh: ±1, sigmoid: ±1), else ±(99.9th percentile of the layer's
         |activation| over the run). ``low`` is red, the middle white, ``high`` blue.
+        Saliency maps always use ±(99.9th percentile of |map| over the run).
     progress
         Called as ``progress(done, total)`` with frame counts as frames are written.
     notes
@@ -127,12 +130,24 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
             # out damaged halfway leaves no partial output behind, and a viewer
             # of the folder (``layerwatch watch``) never sees a half-written GIF.
             stage = Path(tempfile.mkdtemp(prefix=".layerwatch-render-", dir=out))
-            stems = file_stems([layer.layer_name or layer.key for layer in chosen])
-            counter = _Counter(progress, len(indices) * len(chosen))
-            for layer, stem in zip(chosen, stems):
-                panel = LayerPanel(run, layer, max_channels=max_channels, value_range=override,
-                                   n=n)
-                if panel.measured_range:
+            saliency = saliency_layer(run) if run.has_saliency else None
+            panels: list = [(layer, None) for layer in chosen]
+            if saliency is not None:
+                panels.append((saliency, SaliencyPanel))
+            # The saliency panel is drawn like a layer; its stem is "saliency"
+            # unless a layer of that name took it.
+            stems = file_stems([layer.layer_name or layer.key for layer, _ in panels])
+            counter = _Counter(progress, len(indices) * len(panels))
+            for (layer, kind), stem in zip(panels, stems):
+                if kind is SaliencyPanel:
+                    panel = SaliencyPanel(run, layer, n=n)
+                    say.info(f"{SALIENCY}: colour range ±{panel.vmax:.3g} "
+                             f"({ROBUST_PERCENTILE}th percentile of |d output / d input|, "
+                             "mean over input channels).")
+                else:
+                    panel = LayerPanel(run, layer, max_channels=max_channels,
+                                       value_range=override, n=n)
+                if panel.measured_range and kind is None:
                     say.info(f"{panel.name}: colour range ±{panel.vmax:.3g} "
                              f"({ROBUST_PERCENTILE}th percentile of |activation|; set --range "
                              "to change).")

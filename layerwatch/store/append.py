@@ -34,7 +34,8 @@ class Resumed:
 
 
 def check_appendable(run: Run, layers: Sequence[LayerSpec], probes_x: np.ndarray,
-                     probes_y: np.ndarray | None, analysis_probes: int = 0) -> None:
+                     probes_y: np.ndarray | None, analysis_probes: int = 0,
+                   saliency: bool = False) -> None:
     """Raise :class:`AppendError` unless this run records what ``run`` holds."""
     stored = {layer.key: layer.shape for layer in run.layers}
     wanted = {spec.key: tuple(spec.shape) for spec in layers}
@@ -59,18 +60,24 @@ def check_appendable(run: Run, layers: Sequence[LayerSpec], probes_x: np.ndarray
             f"Cannot append to {run.path}: it was recorded with {run.analysis_probe_count} "
             f"analysis probes, this run has {analysis_probes}. Pass the same analysis_probes, "
             "or record a new file.")
+    if run.has_saliency != bool(saliency):
+        raise AppendError(
+            f"Cannot append to {run.path}: it was recorded "
+            f"{'with' if run.has_saliency else 'without'} saliency maps, this run "
+            f"{'records them' if saliency else 'does not'}. Pass the same saliency=, "
+            "or record a new file.")
 
 
 def prepare_append(path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarray,
-                   probes_y: np.ndarray | None, analysis_probes: int, from_step: int
-                   ) -> Resumed:
+                   probes_y: np.ndarray | None, analysis_probes: int, from_step: int,
+                   saliency: bool = False) -> Resumed:
     """Check, repair if needed, and cut ``path`` back to ``from_step``.
 
     Snapshots after ``from_step`` (left by a run that died after its last
     checkpoint) are dropped with a warning, so steps stay increasing.
     """
     with open_run(path) as run:
-        check_appendable(run, layers, probes_x, probes_y, analysis_probes)
+        check_appendable(run, layers, probes_x, probes_y, analysis_probes, saliency)
         needs_repair = not run.closed_cleanly
     if needs_repair:
         repair_run(path)

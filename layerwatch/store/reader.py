@@ -27,7 +27,7 @@ from .files import h5_reason, open_for_reading
 from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_PROBES, ANALYSIS_STEPS,
                      ATTR_FLUSH_SECONDS, ATTR_FORMAT_VERSION, ATTR_INPUT_INDEX, ATTR_STORAGE_DTYPE,
                      ATTR_WRITER_HOST, ATTR_WRITER_PID, EPOCHS, HEARTBEAT, META, METRICS,
-                     METRIC_GROUPS, METRIC_NAMES, METRIC_VALUES, PER_SNAPSHOT, PROBES_X, PROBES_Y,
+                     METRIC_GROUPS, METRIC_NAMES, METRIC_VALUES, PER_SNAPSHOT, PROBES_X, PROBES_Y, SALIENCY,
                      PROBE_INPUTS, STATUS, STATUS_COMPLETE, STATUS_RECORDING, STEPS, STORAGE_DTYPES,
                      WALL_TIME, RecordingError)
 from .validate import MAX_ATTRS, MAX_RANK, MAX_SNAPSHOT_ELEMENTS, Checker, LayerInfo, attr
@@ -106,6 +106,8 @@ class Run:
         n = min(f[name].shape[0] for name in PER_SNAPSHOT)
         for layer in self.layers:
             n = min(n, f[ACTIVATIONS][layer.key].shape[0])
+        if SALIENCY in f:
+            n = min(n, f[SALIENCY].shape[0])
         steps = np.asarray(f[STEPS][:n], dtype=np.int64)
         bad = np.flatnonzero((steps < 0) | (np.diff(steps, prepend=-1) <= 0))
         if len(bad):
@@ -298,6 +300,11 @@ class Run:
     def activations(self, key: str, index: Any = slice(None)) -> np.ndarray:
         """Activations of one layer, indexed along snapshots (as float32)."""
         layer = self.layer(key)
+        with self._reading():
+            return self._rows(self._f[ACTIVATIONS][layer.key], index)
+
+    def _rows(self, ds: h5py.Dataset, index: Any) -> np.ndarray:
+        """Rows of a per-snapshot dataset, indexed along committed snapshots, as float32."""
         n = self.num_snapshots
         if isinstance(index, (int, np.integer)):
             i = int(index) + (n if index < 0 else 0)
@@ -311,7 +318,6 @@ class Run:
             if any(not 0 <= i < n for i in index):
                 raise IndexError(f"snapshot index out of range 0..{n - 1}")
         with self._reading():
-            ds = self._f[ACTIVATIONS][layer.key]
             if isinstance(index, int):
                 return ds[index].astype(np.float32)
             if isinstance(index, range) and index.step == 1:
@@ -339,6 +345,32 @@ class Run:
             with self._reading():
                 row = ds[int(i)].astype(dtype)
             yield row
+
+    # -- saliency maps (optional) -------------------------------------------- #
+
+    @property
+    def has_saliency(self) -> bool:
+        """Whether the run recorded saliency maps (``LayerWatch(..., saliency=True)``)."""
+        return SALIENCY in self._f
+
+    def _saliency_dataset(self) -> h5py.Dataset:
+        if not self.has_saliency:
+            raise KeyError(f"{self.path} holds no saliency maps (recorded without "
+                           "saliency=True).")
+        with self._reading():
+            return self._f[SALIENCY]
+
+    def saliency(self, index: Any = slice(None)) -> np.ndarray:
+        """Saliency maps, indexed along snapshots, as float32: ``(probes, *input shape)``
+        per snapshot (d model output at the label / d input)."""
+        ds = self._saliency_dataset()
+        with self._reading():
+            return self._rows(ds, index)
+
+    def iter_saliency(self, indices: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+        """Yield the saliency maps of one snapshot at a time, reading from disk."""
+        return self._iter_rows(self._saliency_dataset(), self.num_snapshots, indices,
+                               "snapshot", np.float32)
 
     # -- analysis probes (optional) ----------------------------------------- #
 
@@ -463,6 +495,8 @@ class Run:
                     self._f[name].refresh()
             for layer in self.layers:
                 self._f[ACTIVATIONS][layer.key].refresh()
+            if SALIENCY in self._f:
+                self._f[SALIENCY].refresh()
             for group in METRIC_GROUPS:
                 for ds in self._f[METRICS][group].values():
                     ds.refresh()

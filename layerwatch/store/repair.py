@@ -16,7 +16,8 @@ from .closing import Handles, abandoned_here, finish
 from .files import h5_reason, temporary_beside
 from .reader import open_run
 from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_STEPS, METRIC_NAMES, METRICS,
-                     PER_SNAPSHOT, STATUS, STATUS_RECORDING, STATUS_STOPPED, STEPS, RecordingError)
+                     PER_SNAPSHOT, SALIENCY, STATUS, STATUS_RECORDING, STATUS_STOPPED, STEPS,
+                     RecordingError)
 
 
 def truncate(node: Handles, snapshots: int, *, metric_rows: dict[str, int],
@@ -34,6 +35,8 @@ def truncate(node: Handles, snapshots: int, *, metric_rows: dict[str, int],
         node(name).resize(snapshots, axis=0)
     for key in f[ACTIVATIONS]:
         cut(f"{ACTIVATIONS}/{key}", snapshots)
+    if SALIENCY in f:
+        cut(SALIENCY, snapshots)
     if ANALYSIS in f:
         node(ANALYSIS_STEPS).resize(analysis_rows, axis=0)
         for key in f[ANALYSIS_GRAMS]:

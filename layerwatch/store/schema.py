@@ -40,6 +40,8 @@ PROBES_Y = "probes/y"        #: (probes,) int64 labels, optional
 PROBE_INPUTS = "probes/inputs"
 ATTR_INPUT_INDEX = "index"   #: on each probes/inputs/<name>: its position among the inputs
 ACTIVATIONS = "activations"  #: group: one (T, probes, *layer shape) dataset per layer
+#: optional (T, probes, *input shape) float32: d output[label] / d input of each probe
+SALIENCY = "saliency"
 META = "meta"                #: group: scalar text datasets (model_config, summary)
 METRICS = "metrics"          #: groups batch/ and epoch/
 #: The metric tables and their index columns; the last column is the commit index.

@@ -19,7 +19,7 @@ from layerwatch.text import printable
 from .schema import (ACTIVATION, ACTIVATIONS, ATTR_FORMAT, ATTR_FORMAT_VERSION, CHANNELS,
                      CHANNEL_AXIS, FORMAT_NAME, HEARTBEAT, LAYER_CLASS, LAYER_NAME, METRICS,
                      METRIC_GROUPS, METRIC_NAMES, METRIC_VALUES, PER_SNAPSHOT, PROBES_X, PROBES_Y,
-                     PROBE_INPUT, PROBE_INPUTS, READABLE_VERSIONS, STATUS, TENSOR, VALUE_RANGE,
+                     PROBE_INPUT, PROBE_INPUTS, READABLE_VERSIONS, SALIENCY, STATUS, TENSOR, VALUE_RANGE,
                      RecordingError)
 
 # Limits on what a file may declare. A damaged or crafted file can claim any
@@ -126,6 +126,13 @@ class Checker:
             layers.append(layer_info(key, ds))
         if not layers:
             raise RecordingError(f"{self.path} holds no recorded layer.")
+        if SALIENCY in f:
+            ds = self.dataset(SALIENCY, ndim=(px.ndim + 1,), kinds="f")
+            if ds.shape[1:] != px.shape or ds.shape[0] > MAX_SNAPSHOTS \
+                    or int(np.prod(ds.shape[1:], dtype=np.float64)) > MAX_SNAPSHOT_ELEMENTS:
+                raise self.damaged(
+                    f"{SALIENCY} has shape {ds.shape}; expected (snapshots, *{PROBES_X} shape "
+                    f"{px.shape}) with at most {MAX_SNAPSHOT_ELEMENTS} values per snapshot.")
         for group_name, index_names in METRIC_GROUPS.items():
             group_path = f"{METRICS}/{group_name}"
             self.group(group_path)

@@ -29,7 +29,7 @@ from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_PROBES, ANA
                      ATTR_FORMAT_VERSION, ATTR_INPUT_INDEX, ATTR_STORAGE_DTYPE, ATTR_WRITER_HOST,
                      ATTR_WRITER_PID, EPOCHS, FORMAT_NAME, FORMAT_VERSION, HEARTBEAT, INDEX_FILL,
                      META, METRICS, METRIC_GROUPS, METRIC_NAMES, METRIC_VALUES, NAME_DTYPE,
-                     PROBES_X, PROBES_Y, PROBE_INPUTS, STATUS, STATUS_COMPLETE, STATUS_RECORDING,
+                     PROBES_X, PROBES_Y, PROBE_INPUTS, SALIENCY, STATUS, STATUS_COMPLETE, STATUS_RECORDING,
                      STATUS_STOPPED, STEPS, STORAGE_DTYPES, WALL_TIME, LayerSpec, RecordingError,
                      fixed)
 
@@ -71,7 +71,10 @@ class RunWriter:
         self._node = Handles(f)  # the datasets written, each opened once
         #: Per layer, the dtype its dataset stores (chosen when the file was made).
         self._dtypes = {key: self._node(f"{ACTIVATIONS}/{key}").dtype for key in self._keys}
-        self._pending: list[tuple[int, int, float, list[np.ndarray]]] = []
+        #: Whether the file records saliency maps (its rows are written with the activations).
+        self.saliency = SALIENCY in f
+        #: (step, epoch, wall time, arrays, grams, saliency) per queued snapshot
+        self._pending: list[tuple] = []
         self._pending_batch: list[tuple[int, dict[str, float]]] = []
         self._pending_epoch: list[tuple[int, int, dict[str, float]]] = []
         #: Per layer, the rows of its last, not yet full chunk (writer thread only).
@@ -106,7 +109,8 @@ class RunWriter:
                flush_seconds: float = 2.0, flush_snapshots: int = 32,
                analysis_probes_x: np.ndarray | None = None,
                analysis_every: int = 0,
-               probe_inputs: dict[str, np.ndarray] | None = None) -> "RunWriter":
+               probe_inputs: dict[str, np.ndarray] | None = None,
+               saliency_shape: Sequence[int] | None = None) -> "RunWriter":
         """Create a new recording at ``path`` (replacing any file there).
 
         ``storage_dtype`` is the root attribute of that name: ``"float16"``
@@ -117,7 +121,9 @@ class RunWriter:
         those inputs' activations at the snapshots that carry one (see
         :meth:`add_snapshot`). ``probe_inputs`` (a multi-input model: input name
         → its probes, in input order) are stored under ``probes/inputs``;
-        ``probes_x`` is the first of them.
+        ``probes_x`` is the first of them. With ``saliency_shape`` (the
+        per-probe input shape) the file also gets the float32 dataset
+        ``saliency``, one row per snapshot (see :meth:`add_snapshot`).
         """
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}. "
@@ -167,6 +173,14 @@ class RunWriter:
                     shuffle=shuffle if compression else False))
                 for name, value in spec.attrs.items():
                     ds.attrs[name] = fixed(value)
+            if saliency_shape is not None:
+                shape = (n_probes,) + tuple(int(d) for d in saliency_shape)
+                h(f.create_dataset(
+                    SALIENCY, (0,) + shape, maxshape=(None,) + shape, dtype=np.float32,
+                    chunks=(codec.time_chunk(shape, np.float32),) + shape,
+                    compression=compression,
+                    compression_opts=compression_opts if compression == "gzip" else None,
+                    shuffle=shuffle if compression else False))
             metrics = h(f.create_group(METRICS))
             for group, index_names in METRIC_GROUPS.items():
                 g = h(metrics.create_group(group))
@@ -198,17 +212,21 @@ class RunWriter:
     @classmethod
     def append(cls, path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarray,
                probes_y: np.ndarray | None, from_step: int, analysis_probes: int = 0,
-               flush_seconds: float = 2.0, flush_snapshots: int = 32) -> "RunWriter":
+               flush_seconds: float = 2.0, flush_snapshots: int = 32,
+               saliency: bool = False) -> "RunWriter":
         """Reopen an existing recording to continue it (resumed training).
 
         Raises :class:`layerwatch.store.append.AppendError` when the file's
-        layers, probes or number of analysis probes differ from this run's.
+        layers, probes or number of analysis probes differ from this run's, or
+        it holds saliency maps and this run records none (``saliency``), or
+        the other way round.
         Snapshots after ``from_step`` (left by a run that died after its last
         checkpoint) are dropped with a warning, so steps stay increasing; the
         writer's :attr:`resumed` says where the file stands.
         """
         resumed = prepare_append(path, layers=layers, probes_x=probes_x, probes_y=probes_y,
-                                 analysis_probes=analysis_probes, from_step=from_step)
+                                 analysis_probes=analysis_probes, from_step=from_step,
+                                 saliency=saliency)
         writer = cls._open_for_writing(path, [s.key for s in layers],
                                        flush_seconds=flush_seconds,
                                        flush_snapshots=flush_snapshots)
@@ -232,14 +250,18 @@ class RunWriter:
     # -- the training-loop side ------------------------------------------- #
 
     def add_snapshot(self, step: int, epoch: int, arrays: Sequence[np.ndarray] | None,
-                     grams: Sequence[np.ndarray] | None = None) -> None:
+                     grams: Sequence[np.ndarray] | None = None, *,
+                     saliency: np.ndarray | None = None) -> None:
         """Queue one snapshot: one array of shape (probes, *layer shape) per layer,
         and optionally one (n, n) analysis-probe Gram matrix per layer.
-        ``arrays=None`` queues the Grams alone, for a step already recorded."""
+        ``arrays=None`` queues the Grams alone, for a step already recorded.
+        A file with saliency needs ``saliency`` (probes, *input shape) with
+        every ``arrays``; a file without refuses it."""
         with self._lock:
             self._pending.append((int(step), int(epoch), time.time(),
                                   None if arrays is None else list(arrays),
-                                  None if grams is None else list(grams)))
+                                  None if grams is None else list(grams),
+                                  None if saliency is None else np.asarray(saliency)))
             if arrays is not None:
                 self._rows += 1
             # Blocks end at multiples of flush_snapshots rows where they can, so
@@ -395,6 +417,14 @@ class RunWriter:
                         raise ValueError(f"{group}/{key}: a snapshot of shape "
                                          f"{np.shape(s[column][i])} does not fit the "
                                          f"recording's {want}")
+        for s in snapshots:
+            if (s[5] is not None) != self.saliency:
+                raise ValueError("a snapshot without saliency maps for a recording that has "
+                                 "them" if self.saliency else
+                                 "saliency maps for a recording made without them")
+            if s[5] is not None and np.shape(s[5]) != self._node(SALIENCY).shape[1:]:
+                raise ValueError(f"{SALIENCY}: a snapshot of shape {np.shape(s[5])} does not "
+                                 f"fit the recording's {self._node(SALIENCY).shape[1:]}")
 
     def _write_checked(self, snapshots, with_grams, batch_logs, epoch_logs) -> None:
         f, node = self._f, self._node
@@ -408,6 +438,11 @@ class RunWriter:
                 ds = node(f"{ACTIVATIONS}/{key}")
                 ds.resize(t0 + n, axis=0)
                 self._write_rows(key, ds, t0, block)
+            if self.saliency:  # "/" never occurs in a layer key: no clash in the chunk tails
+                ds = node(SALIENCY)
+                ds.resize(t0 + n, axis=0)
+                self._write_rows("/" + SALIENCY, ds, t0,
+                                 np.stack([s[5] for s in snapshots]).astype(np.float32))
             for name, column in ((EPOCHS, 1), (WALL_TIME, 2)):
                 ds = node(name)
                 ds.resize(t0 + n, axis=0)
