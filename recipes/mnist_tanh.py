@@ -167,11 +167,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # The experiment records every step on purpose (--every to thin it), so the
     # cost-budget warning, meant for runs where recording is incidental, is off.
     # 200 held-out digits, not rendered, give `layerwatch drift` enough inputs
-    # for CKA to measure something (ten probes alone start above 0.9).
+    # for CKA to measure something (ten probes alone start above 0.9); the
+    # saliency of each probe (d output[label] / d pixels) is recorded too.
     callbacks = [layerwatch.LayerWatch(args.run, probes, labels, every=args.every,
                                        mode="overwrite", budget=None,
                                        analysis_probes=x_test[-ANALYSIS_PROBES:],
-                                       analysis_every=5)]
+                                       analysis_every=5, saliency=True)]
     if args.max_steps:
         callbacks.append(_stop_after(args.max_steps))
     steps_per_epoch = -(-len(x_train) // batch_size)
