@@ -59,9 +59,10 @@ def test_recipe_records_and_renders(recipe, tmp_path, capsys):
     assert iio.imread(out / "drift.png").ndim == 3
     assert sorted(Path(p).name for p in result["written"]) == sorted(
         [f"{n}.gif" for n in LAYERS] + [f"{n}.png" for n in LAYERS]
-        + ["curves.png", "drift.png"])
+        + ["saliency.gif", "saliency.png", "curves.png", "drift.png"])
     with h5py.File(run, "r", swmr=True) as f:  # the drift probes: held-out digits, not drawn
         assert f["analysis/probes_x"].shape == (recipe.ANALYSIS_PROBES, 28, 28, 1)
+        assert f["saliency"].shape == (7, 10, 28, 28, 1)
     assert 0 <= result["accuracy"] <= 1
     printed = capsys.readouterr().out
     assert f"Test accuracy: {result['accuracy']:.4f}" in printed
