@@ -25,7 +25,7 @@ import numpy as np
 
 from layerwatch.store import STATUS_COMPLETE, STATUS_STOPPED, RunWriter, open_run
 
-from .budget import DISK_BUDGET, CostMeter, over_budget, over_disk, snapshot_bytes
+from .budget import DISK_BUDGET, CostMeter, Verdict, over_budget, over_disk, snapshot_bytes
 from .chief import env_is_chief, is_chief
 from .extractor import LayerSelector, Tap
 from .fused import DeferredSnapshot, FusedProbePass, can_fuse
@@ -470,14 +470,17 @@ class LayerWatch(keras.callbacks.Callback):
 
     def _check_budget(self, meter: CostMeter) -> None:
         """Warn once (or, with every="auto", adapt) when recording costs too much."""
-        verdict = over_budget(meter, every=self.every, budget=self.budget,
-                              channels=self._probes.kept_channels)
+        self._follow(over_budget(meter, every=self.every, budget=self.budget,
+                                 channels=self._probes.kept_channels))
+
+    def _follow(self, verdict: Verdict | None) -> None:
+        """With every="auto" record as often as ``verdict`` allows; else warn with it."""
         if verdict is None:
             return
         if self.auto_every:
             self.every = verdict.every
         else:
-            warnings.warn(verdict.message, RuntimeWarning, stacklevel=2)
+            warnings.warn(verdict.message, RuntimeWarning, stacklevel=4)
 
     def _check_disk(self, first: list[np.ndarray], saliency: np.ndarray | None = None) -> None:
         """Warn once (or, with every="auto", record less often) when the planned
@@ -492,20 +495,14 @@ class LayerWatch(keras.callbacks.Callback):
             free = None
         planned = int(epochs) * int(steps)
         n = self._probes.analysis_count  # analysis Grams: n×n float32 per layer, as written
-        grams = n * n * 4 * len(first) * (planned // self.analysis_every + 2) if n else 0
+        extra = n * n * 4 * len(first) * (planned // self.analysis_every + 2) if n else 0
         if saliency is not None:  # float32, counted uncompressed (an upper bound)
-            grams += saliency.nbytes * (planned // self.every + 2)
-        verdict = over_disk(
+            extra += saliency.nbytes * (planned // self.every + 2)
+        self._follow(over_disk(
             per_layer=snapshot_bytes(first, self.compression),
             names=[tap.key for tap in self._probes.taps], channels=self._probes.kept_channels,
             snapshots=planned // self.every + 2, every=self.every,
-            budget=self.disk_budget, free=free, extra=grams)
-        if verdict is None:
-            return
-        if self.auto_every:
-            self.every = verdict.every
-        else:
-            warnings.warn(verdict.message, RuntimeWarning, stacklevel=3)
+            budget=self.disk_budget, free=free, extra=extra))
 
     def _stop_recording(self, exc: BaseException) -> None:
         self._failed = True
