@@ -1,39 +1,36 @@
-"""What recording costs during training: epoch time with LayerWatch ÷ without.
+"""What recording costs during training: the whole fit() with LayerWatch ÷ without.
 
-    python bench/overhead.py                       # batch 64 and 1024, 15 repeats
-    python bench/overhead.py --repeats 25          # tighter medians
+    python bench/overhead.py                       # whole fit (headline), then steady epochs
+    python bench/overhead.py --pairs 9             # more alternating pairs
     python bench/overhead.py --quick               # tiny sizes, a smoke run (seconds)
     KERAS_BACKEND=jax python bench/overhead.py     # any Keras 3 backend
 
-The seed model (recipes/mnist_tanh.py) trains on the bundled MNIST digits under
-three callback lists, taking turns on one model (per batch size):
+Headline: the whole ``fit()``, as a user experiences it. For each case a
+fresh seed model (recipes/mnist_tanh.py, same seed) is built and fitted from
+its first step to ``fit`` returning — tracing and compiling, epoch
+boundaries, the writer's last block and closing the file included — once
+without recording and once with, alternately (the order swaps every pair), so
+slow spells of a shared machine fall on both. Each pair gives a ratio of wall
+times and one of process CPU times (all threads); the median over the pairs
+is reported with quartiles, beside the plain fit's own figures: its wall
+time, and its step time over the epochs after the first, so a reader can
+place the machine. Cases:
 
-  none        no recording (the baseline)
-  layerwatch  LayerWatch(every=1) at default settings (on TensorFlow the probe pass
-              runs inside the compiled train step: layerwatch/record/fused.py)
-  naive       a naive recorder: keras.Model(inputs, conv outputs).predict(probes)
-              after every step, the arrays kept in a list
+  seed      the seed recipe's training: 4,000 digits, batch 69, 5 epochs, 290
+            steps, LayerWatch(budget=None) recording every step
+  b64       batch 64, 3 epochs (189 steps), LayerWatch at default settings
+  b1024     batch 1024, 3 epochs (12 steps), LayerWatch at default settings
+  recipe    (--recipe) the seed recipe's LayerWatch exactly as it records
+            (saliency, 200 analysis probes, whatever recipes/mnist_tanh.py asks)
+  saliency  (--saliency) batch 64 as b64, LayerWatch(saliency=True)
 
-Each condition first trains one epoch that is not timed (tracing and compiling).
-Then the runs alternate (none, layerwatch, naive, then the next repeat rotated);
-a run is one short ``fit``, and every epoch is timed on its own, from the first
-callback's ``on_epoch_begin`` to the last one's ``on_epoch_end`` (LayerWatch's
-own epoch hooks are inside). A run's figure is its steady state: the mean of
-its epochs after the first, so at least 64 steps (by default) during which the
-writer thread compresses the blocks handed over before, as it does all through
-a long run (the block still being written when the run ends is left out, as
-blocks handed over in the untimed first epoch are counted while they are
-written). A repeat's ratio compares runs of the same repeat (same machine
-load), and the median over repeats is reported, with quartiles. Runs are short
-and repeats many because this shared VM has slow spells seconds long (the
-same step at batch 64 measured 4 ms and 7.7 ms minutes apart): alternating
-faster than they come and go is what keeps them out of the ratios. The
-``whole-run`` lines give a stricter reading: a run's wall time, first epoch
-begin to last epoch end, with LayerWatch's run waiting at its end until the
-writer thread has written everything queued (an over-count: in a real run
-that tail overlaps later steps), divided by its epochs. ``cpu-ratio`` lines
-compare the process's CPU time (all threads, the writer's included) over the
-same epochs as the ratio lines.
+``naive`` (in the b64 case; --no-naive skips it) is a naive recorder:
+keras.Model(inputs, conv outputs).predict(probes) after every step, the arrays
+kept in a list — what layerwatch must beat on every backend.
+
+Second figure: steady-state epochs, as before — per batch size, none,
+layerwatch and naive taking turns on one model, each run's mean epoch after
+its first, over ``--repeats`` runs (see ``steady`` below).
 
 The script also counts how often the probe function's Python body runs (once
 per trace on compiling backends: it must be 1 however many steps are recorded).
@@ -53,14 +50,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL before Keras loads)
 
 TARGETS = {64: 1.10, 1024: 1.03}
+#: Whole-fit targets (median ratio of wall times) per case and backend group.
+FIT_TARGETS = {"seed": 1.10, "b64": 1.10, "b1024": 1.03, "saliency": 1.15}
+FIT_TARGETS_OTHER = {"b64": 1.15}  # JAX and PyTorch
 MIN_STEPS = 64   # per run, in the epochs after its first (its steady state)
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairs", type=int, default=5,
+                   help="alternating pairs per whole-fit case (default 5)")
+    p.add_argument("--cases", nargs="+", default=None,
+                   choices=["seed", "b64", "b1024", "recipe", "saliency"],
+                   help="whole-fit cases (default: seed b64 b1024, plus --recipe/--saliency)")
+    p.add_argument("--recipe", action="store_true",
+                   help="also the seed recipe's own LayerWatch settings (saliency, analysis)")
+    p.add_argument("--saliency", action="store_true",
+                   help="also batch 64 with LayerWatch(saliency=True)")
+    p.add_argument("--no-steady", action="store_true",
+                   help="skip the second figure (steady-state epochs)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 1024])
-    p.add_argument("--repeats", type=int, default=15,
-                   help="timed runs per condition (default 15)")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="steady-state: timed runs per condition (default 7)")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs per run (default: 1, then enough for >= 64 steps)")
     p.add_argument("--train-size", type=int, default=None,
@@ -74,11 +85,15 @@ def _parse(argv):
                         "fused one, and LayerWatch with its snapshots dropped before the "
                         "writer (the probe pass and the callback alone)")
     args = p.parse_args(argv)
+    if args.cases is None:
+        args.cases = ["seed", "b64", "b1024"] + ["recipe"] * args.recipe \
+            + ["saliency"] * args.saliency
     if args.quick:
         args.batch_sizes, args.repeats, args.train_size = [32], 1, 128
         args.epochs = args.epochs or 2
-    if args.repeats < 1 or (args.epochs is not None and args.epochs < 1):
-        p.error("--repeats and --epochs must be >= 1")
+        args.pairs = 1
+    if args.repeats < 1 or args.pairs < 1 or (args.epochs is not None and args.epochs < 1):
+        p.error("--repeats, --pairs and --epochs must be >= 1")
     return args
 
 
@@ -224,7 +239,129 @@ def _unwritten(path, probes, labels):
     return UnwrittenLayerWatch(path, probes, labels, every=1, budget=None)
 
 
-def run(args) -> int:
+class _PlainSteps:
+    """Times the epochs after a run's first: the plain step time a reader places
+    the machine by (tracing and the first epoch's warm-up left out)."""
+
+    def __init__(self):
+        import keras
+
+        outer = self
+
+        class Timer(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                outer.seconds, outer.steps, outer._t0 = 0.0, 0, None
+
+            def on_epoch_begin(self, epoch, logs=None):
+                outer._t0 = time.perf_counter() if epoch > 0 else None
+
+            def on_train_batch_end(self, batch, logs=None):
+                if outer._t0 is not None:
+                    outer.steps += 1
+
+            def on_epoch_end(self, epoch, logs=None):
+                if outer._t0 is not None:
+                    outer.seconds += time.perf_counter() - outer._t0
+
+        self.callback = Timer()
+        self.seconds, self.steps, self._t0 = 0.0, 0, None
+
+    @property
+    def step_ms(self) -> float:
+        return 1e3 * self.seconds / self.steps if self.steps else float("nan")
+
+
+def _cases(args, recipe, x_test, probes, labels):
+    """name -> (batch, epochs, the LayerWatch for a path, a description)."""
+    from layerwatch import LayerWatch
+
+    seed_batch, seed_epochs = recipe.DEFAULTS["bundled"]
+    small = args.quick  # smoke run: tiny sizes
+    cases = {
+        "seed": (32 if small else seed_batch, 2 if small else seed_epochs,
+                 lambda path: LayerWatch(path, probes, labels, budget=None),
+                 "the seed recipe's training, LayerWatch(budget=None) every step"),
+        "b64": (32 if small else 64, 2 if small else 3,
+                lambda path: LayerWatch(path, probes, labels),
+                "LayerWatch(path, probes, labels) at default settings"),
+        "b1024": (64 if small else 1024, 2 if small else 3,
+                  lambda path: LayerWatch(path, probes, labels),
+                  "LayerWatch(path, probes, labels) at default settings"),
+        "recipe": (32 if small else seed_batch, 2 if small else seed_epochs,
+                   lambda path: recipe.recorder(path, probes, labels, x_test),
+                   "recipes/mnist_tanh.py's own LayerWatch (recipe.recorder)"),
+        "saliency": (32 if small else 64, 2 if small else 3,
+                     lambda path: LayerWatch(path, probes, labels, saliency=True),
+                     "LayerWatch(..., saliency=True)"),
+    }
+    return {name: cases[name] for name in args.cases}
+
+
+def whole_fit(args) -> None:
+    """The headline: whole fit() with LayerWatch ÷ without, in alternating pairs."""
+    import keras
+
+    recipe = _common.seed_recipe()
+    x, y, probes, labels = _common.seed_data(train_size=args.train_size)
+    x_test = recipe.load_data("bundled")[2]
+    backend = keras.backend.backend()
+    targets = FIT_TARGETS if backend == "tensorflow" else FIT_TARGETS_OTHER
+    tmp = tempfile.mkdtemp(prefix="layerwatch-bench-")
+    print(f"# bench/overhead.py — {_common.machine()}")
+    print(f"# whole fit(): {len(x)} training examples, {len(probes)} probes, "
+          f"{args.pairs} alternating pair(s) per case, {_common.load_average()}")
+    for case, (batch, epochs, make, what) in _cases(args, recipe, x_test, probes,
+                                                     labels).items():
+        steps = epochs * -(-len(x) // batch)
+        conditions = ["none", "layerwatch"]
+        if case == "b64" and not args.no_naive:
+            conditions.append("naive")
+        wall = {c: [] for c in conditions}
+        cpu = {c: [] for c in conditions}
+        plain_step = []
+        for pair in range(args.pairs + 1):  # pair 0: untimed warm-up of each condition
+            order = conditions[pair % len(conditions):] + conditions[:pair % len(conditions)]
+            for condition in order:
+                keras.backend.clear_session()
+                model = recipe.build_model(seed=0)
+                timer = _PlainSteps()
+                callbacks = [timer.callback]
+                if condition == "layerwatch":
+                    path = os.path.join(tmp, f"{case}.h5")
+                    if os.path.exists(path):
+                        os.remove(path)  # each run records a new file
+                    callbacks.append(make(path))
+                elif condition == "naive":
+                    callbacks.append(_naive_recorder(probes))
+                t0, c0 = time.perf_counter(), time.process_time()
+                model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0,
+                          callbacks=callbacks)
+                t1, c1 = time.perf_counter(), time.process_time()
+                if pair:
+                    wall[condition].append(t1 - t0)
+                    cpu[condition].append(c1 - c0)
+                    if condition == "none":
+                        plain_step.append(timer.step_ms)
+                del model, callbacks
+        print(f"\n## whole fit, case {case}: batch {batch}, {epochs} epochs, {steps} steps; "
+              f"{what}")
+        med, lo, hi = _common.median_spread(wall["none"])
+        print(f"plain fit {case}: {med:.2f} s wall (min {lo:.2f}, max {hi:.2f}); plain step "
+              f"{statistics.median(plain_step):.2f} ms (epochs after the first, median of runs)")
+        for condition in conditions[1:]:
+            ratios = [a / b for a, b in zip(wall[condition], wall["none"])]
+            cpus = [a / b for a, b in zip(cpu[condition], cpu["none"])]
+            verdict = ""
+            target = targets.get(case) if condition == "layerwatch" else None
+            if target is not None:
+                met = statistics.median(ratios) <= target
+                verdict = f"   target <= {target:.2f}: {'met' if met else 'MISSED'}"
+            print(f"fit-ratio {case} {condition}/none = {_common.fmt_ratio(ratios)}{verdict}")
+            print(f"fit-cpu-ratio {case} {condition}/none = {_common.fmt_ratio(cpus)}")
+    print(f"\n# whole fit done, {_common.load_average()}")
+
+
+def steady(args) -> int:
     import keras
 
     from layerwatch import LayerWatch
@@ -233,7 +370,7 @@ def run(args) -> int:
     x, y, probes, labels = _common.seed_data(train_size=args.train_size)
     counter = _TraceCounter()
     counter.install()
-    print(f"# bench/overhead.py — {_common.machine()}")
+    print(f"\n# steady-state epochs — {_common.machine()}")
     print(f"# seed model {recipe.__name__}, {len(x)} training examples, {len(probes)} probes, "
           f"{args.repeats} repeat(s), {_common.load_average()}")
     tmp = tempfile.mkdtemp(prefix="layerwatch-bench-")
@@ -332,7 +469,12 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return run(_parse(argv))
+    args = _parse(argv)
+    start = time.perf_counter()
+    whole_fit(args)
+    code = 0 if args.no_steady else steady(args)
+    print(f"# bench/overhead.py took {time.perf_counter() - start:.0f} s")
+    return code
 
 
 if __name__ == "__main__":

@@ -100,6 +100,23 @@ def build_model(*, seed: int = 0, activation: str = "tanh"):
     return model
 
 
+def recorder(path: str, probes: np.ndarray, labels: np.ndarray, x_test: np.ndarray, *,
+             every: int = 1):
+    """The recipe's LayerWatch (``bench/overhead.py --recipe`` times this one).
+
+    The experiment records every step on purpose (``--every`` to thin it), so
+    the cost-budget warning, meant for runs where recording is incidental, is
+    off. 200 held-out digits, not rendered, give ``layerwatch drift`` enough
+    inputs for CKA to measure something (ten probes alone start above 0.9);
+    the saliency of each probe (d output[label] / d pixels) is recorded too.
+    """
+    import layerwatch
+
+    return layerwatch.LayerWatch(path, probes, labels, every=every, mode="overwrite",
+                                 budget=None, analysis_probes=x_test[-ANALYSIS_PROBES:],
+                                 analysis_every=5, saliency=True)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mnist_tanh.py",
@@ -164,15 +181,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     probes, labels = layerwatch.one_per_class(x_test, y_test, num_classes=10)
     model = build_model(seed=args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.run)), exist_ok=True)
-    # The experiment records every step on purpose (--every to thin it), so the
-    # cost-budget warning, meant for runs where recording is incidental, is off.
-    # 200 held-out digits, not rendered, give `layerwatch drift` enough inputs
-    # for CKA to measure something (ten probes alone start above 0.9); the
-    # saliency of each probe (d output[label] / d pixels) is recorded too.
-    callbacks = [layerwatch.LayerWatch(args.run, probes, labels, every=args.every,
-                                       mode="overwrite", budget=None,
-                                       analysis_probes=x_test[-ANALYSIS_PROBES:],
-                                       analysis_every=5, saliency=True)]
+    callbacks = [recorder(args.run, probes, labels, x_test, every=args.every)]
     if args.max_steps:
         callbacks.append(_stop_after(args.max_steps))
     steps_per_epoch = -(-len(x_train) // batch_size)

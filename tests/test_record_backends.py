@@ -99,6 +99,32 @@ def test_recorded_equals_recomputed_before_during_and_after(tmp_path, tiny_data)
     assert not np.allclose(recorded[0][0], recorded[0][-1], atol=ATOL)  # training moved it
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's train-loop state")
+def test_jax_recording_reads_the_train_loop_state_without_syncing_it(tmp_path, tiny_data):
+    # Syncing JAX's state back into the variables (what reading Callback.model
+    # does) assigns every variable and re-gathers them at the next step: a
+    # recorder must not do it at every step. Counted: the syncs that move values.
+    x, y = tiny_data
+
+    def syncs(callbacks):
+        model, _ = _model()
+        done, sync = [], model.jax_state_sync
+        model.jax_state_sync = lambda: (done.append(not model._jax_state_synced), sync())[1]
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=callbacks)
+        return sum(done)
+
+    plain = syncs([])
+    recorded = syncs([LayerWatch(tmp_path / "run.h5", x[:3], budget=None, saliency=True)])
+    # 12 steps recorded; at most the metric counts' reads at each epoch's first
+    # and last batch (2 an epoch) come on top of Keras' own epoch-end syncs.
+    assert recorded <= plain + 2 * 2
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert f["steps"][:].tolist() == list(range(13))
+        names = [n.decode() for n in f["metrics/batch/names"][:]]
+        rate = f["metrics/batch/values"][:, names.index("learning_rate")]
+    np.testing.assert_allclose(rate, 0.001)  # Adam's default, read from the loop's state
+
+
 def _finite_difference_saliency(model, probes, labels, eps=1e-2):
     """d model(x)[label] / dx by central differences, one batched call per side."""
     size = probes[0].size

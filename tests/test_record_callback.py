@@ -515,6 +515,32 @@ def test_fused_probe_pass_is_exact_built_once_and_hands_the_train_step_back(tmp_
             np.testing.assert_allclose(rec[index], want, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="the fused probe pass is TensorFlow's")
+@pytest.mark.parametrize("every, budget", [(1, 0.2), (1, None), (3, None)])
+def test_one_train_function_is_traced_for_the_whole_fit(tmp_path, tiny_data, every, budget):
+    # Tracing a second train function costs a second or more on a slow CPU. The
+    # fused step skips the probes in the same graph at unrecorded steps, at
+    # epoch starts and at the time budget's plain steps: a fit with LayerWatch
+    # traces the train step as often as one without it (TensorFlow itself
+    # traces a new function's first call twice), and Keras' own train function
+    # never.
+    x, y = tiny_data
+
+    def traced_fit(callbacks):
+        model = tanh_relu_model()
+        traced, train_step = [], model.train_step
+        model.train_step = lambda data: (traced.append(1), train_step(data))[1]
+        model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=callbacks)
+        return len(traced)
+
+    plain = traced_fit([])
+    watch = LayerWatch(tmp_path / "run.h5", x[:3], every=every, budget=budget)
+    assert traced_fit([watch]) == watch._fusion.traces == plain
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert f["steps"][:].tolist() == sorted({*range(0, 10, every), 9})
+
+
 def test_two_recorders_on_one_model_record_the_same(tmp_path, tiny_data):
     x, y = tiny_data
     model = tanh_relu_model()

@@ -29,6 +29,7 @@ from .budget import DISK_BUDGET, CostMeter, Verdict, over_budget, over_disk, sna
 from .chief import env_is_chief, is_chief
 from .extractor import LayerSelector, Tap
 from .fused import DeferredSnapshot, FusedProbePass, can_fuse
+from .jax_state import JaxState
 from .options import check_analysis_probes, check_every, check_path, check_recording_options
 from .probe_pass import ProbePass
 from .probes import check_labels, check_probe_set, probe_count
@@ -184,6 +185,7 @@ class LayerWatch(keras.callbacks.Callback):
         self.disk_budget = None if disk_budget is None else float(disk_budget)
         self.saliency = bool(saliency)
         self._probes: ProbePass | None = None      # built once per model
+        self._jax_state: JaxState | None = None     # on JAX, for the learning rate
         self._fusion: FusedProbePass | None = None  # built once, reused by later fits
         self._deferred: DeferredSnapshot | None = None  # this fit's fused snapshots
         self._steps: StepCounter | None = None
@@ -233,7 +235,7 @@ class LayerWatch(keras.callbacks.Callback):
         self._meter = CostMeter() if self.budget is not None and not self._budget_checked \
             else None
         if not read_every_step and can_fuse(model):
-            self._deferred = DeferredSnapshot(self._fused_pass(model))
+            self._deferred = DeferredSnapshot(self._fused_pass(model, first))
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = int(epoch)
@@ -322,6 +324,7 @@ class LayerWatch(keras.callbacks.Callback):
             max_channels=self.max_channels, channel_selection=self.channel_selection,
             analysis_probes=self.analysis_probes, stored_channels=self._stored_channels,
             saliency=self.saliency, labels=self.probe_labels)
+        self._jax_state = JaxState(model) if keras.backend.backend() == "jax" else None
 
     def _stored_channels(self, taps: list[Tap]) -> dict[int, Any] | None:
         """Channels kept by the recording being resumed (variance is not re-chosen)."""
@@ -361,13 +364,15 @@ class LayerWatch(keras.callbacks.Callback):
         self._owns_file = True
         self._failed = False
 
-    def _fused_pass(self, model: keras.Model) -> FusedProbePass:
-        """The fused train function, installed: built once, rebuilt if the model changed."""
+    def _fused_pass(self, model: keras.Model, like: list[np.ndarray]) -> FusedProbePass:
+        """The fused train function, installed: built once, rebuilt if the model changed.
+
+        ``like`` is a snapshot (:meth:`_snapshot`), for the shapes it hands back."""
         fusion = self._fusion
         if fusion is None or fusion.recorder is not self._probes.recorder \
                 or not fusion.install():
             fusion = self._fusion = FusedProbePass(model, self._probes.recorder,
-                                                   self._probes.feed,
+                                                   self._probes.feed, like,
                                                    saliency=self._probes.saliency_graph)
             fusion.install()
         return fusion
@@ -375,11 +380,8 @@ class LayerWatch(keras.callbacks.Callback):
     def _snapshot(self) -> list[np.ndarray]:
         """One array per tap, then (with ``saliency=True``) the saliency maps:
         the form a fused call's snapshot has too (see :meth:`_split`)."""
-        # Reading Callback.model syncs JAX's functional training state back into
-        # the variables the probe function reads (a no-op on other backends).
-        self.model  # noqa: B018
-        # Keras' compiled predict step (built once, inference mode), without
-        # predict()'s per-call data pipeline; see extractor.probe_function.
+        # One compiled, inference-mode call (built once; on JAX on the train
+        # loop's state as it is, unsynced): see extractor.probe_function.
         arrays = self._probes.snapshot()
         saliency = self._probes.saliency()
         return arrays if saliency is None else arrays + [saliency]
@@ -459,7 +461,10 @@ class LayerWatch(keras.callbacks.Callback):
         return out
 
     def _learning_rate(self) -> float | None:
-        """The optimizer's current learning rate (a variable read)."""
+        """The optimizer's current learning rate (a variable read; on JAX, from
+        the train loop's state, which reading ``self.model`` would sync)."""
+        if keras.backend.backend() == "jax":
+            return self._jax_state.learning_rate()
         lr = getattr(self.model.optimizer, "learning_rate", None)
         if lr is None:
             return None

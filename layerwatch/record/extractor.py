@@ -487,12 +487,19 @@ def probe_function(model: keras.Model, extractor: keras.Model) -> Callable[[Any]
 
     Keras' predict step, built once and reused at every call — except under a
     multi-replica TensorFlow distribution strategy (see
-    :func:`_tf_local_function`).
+    :func:`_tf_local_function`), and on JAX, where it is a jitted
+    ``stateless_call`` on the train loop's current state
+    (:class:`~layerwatch.record.jax_state.JaxState`).
     """
     if keras.backend.backend() == "tensorflow":
         strategy = getattr(model, "distribute_strategy", None)
         if getattr(strategy, "num_replicas_in_sync", 1) > 1:
             return _tf_local_function(extractor)
+    if keras.backend.backend() == "jax":
+        # On the train loop's own state: no sync of every variable per call.
+        from .jax_state import JaxState
+
+        return JaxState(model).function(extractor)
     return extractor.predict_on_batch
 
 

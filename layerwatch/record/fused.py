@@ -3,10 +3,18 @@
 On TensorFlow every compiled call pays a fixed executor cost (about 1 ms on a
 2-core CPU), and a separate probe pass after the step also waits for the step
 to finish before it starts. :class:`FusedProbePass` instead asks Keras for a
-second train function whose graph also runs the probes (inference mode) on the
+train function whose graph also runs the probes (inference mode) on the
 weights the step starts from, and hands their activations back beside the
 logs. Asked for at step ``s``'s batch end, the *next* call of the train
-function is the fused one, and what it returns is the recording of step ``s``.
+function is the one that runs them, and what it returns is the recording of
+step ``s``.
+
+It is one traced function for every step: the probes run under a ``tf.cond``
+on a flag variable, so a step that records nothing skips them in the same
+graph. Keras' own train function is never traced while it is installed
+(tracing a second train function costs a second or more on a slow CPU, and
+a first call at an epoch's start would land on the epoch-boundary stall of
+``tf.data``).
 
 Only used where that is exactly equivalent to a separate probe pass: the
 TensorFlow backend, one replica, one step per execution (see
@@ -51,30 +59,49 @@ class FusedProbePass:
     """
 
     def __init__(self, model: keras.Model, recorder: keras.Model, probes: Any,
-                 saliency: Callable[[Any], Any] | None = None):
+                 like: list, saliency: Callable[[Any], Any] | None = None):
+        """``like``: one snapshot as the probe pass returns it (arrays, then the
+        saliency maps), for the shapes and dtypes of the skipped branch."""
         import tensorflow as tf
 
         self._model = model
         self.recorder = recorder
         self._plain = model.train_function
         constant = tf.nest.map_structure(tf.constant, probes)  # an array, or one per input
+        # Under XLA both branches of a cond have one static shape: the skipped
+        # branch returns zeros of the full shape. Otherwise empty tensors (no
+        # memset per unrecorded step).
+        xla = bool(getattr(model, "jit_compile", False))
+        empty = [(tuple(a.shape) if xla else (0,) * len(a.shape), a.dtype) for a in like]
+        self._flag = tf.Variable(False, trainable=False, name="layerwatch_wanted")
+        self._flag_value = False
 
-        def step(data):
-            # Before the train step in program order: TensorFlow's automatic
-            # control dependencies make these reads see the weights the step
-            # starts from, and the update wait for them.
+        def probe():
             outputs = recorder(constant, training=False)
             outputs = tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
             if saliency is not None:
                 # The input gradient of the probes (a tape of its own, on the
                 # same starting weights): handed back after the activations.
                 outputs += (saliency(constant),)
+            return outputs
+
+        def skip():
+            return tuple(tf.zeros(shape, dtype) for shape, dtype in empty)
+
+        def step(data):
+            self.traces += 1  # Python runs here only while TensorFlow traces
+            # Before the train step in program order: TensorFlow's automatic
+            # control dependencies make these reads see the weights the step
+            # starts from, and the update wait for them.
+            outputs = tf.cond(self._flag, probe, skip)
             # The learning rate at the same step, read here rather than by a
             # separate (and, per step, costly) variable read.
             rate = getattr(model.optimizer, "learning_rate", None)
             rate = tf.constant(float("nan")) if rate is None else tf.cast(rate, tf.float32)
             return model.train_step(data), (outputs, rate)
 
+        #: How often the fused step was traced (1 unless batch shapes change).
+        self.traces = 0
         self._fused = model._make_function(step)
         self._outputs: tuple | None = None
         self.wanted = False
@@ -88,10 +115,13 @@ class FusedProbePass:
         return True
 
     def __call__(self, iterator):
-        if not self.wanted:
-            return self._plain(iterator)
-        self.wanted = False
-        logs, self._outputs = self._fused(iterator)
+        wanted, self.wanted = self.wanted, False
+        if wanted != self._flag_value:  # a variable write only when it changes
+            self._flag.assign(wanted)
+            self._flag_value = wanted
+        logs, outputs = self._fused(iterator)
+        if wanted:
+            self._outputs = outputs
         return logs
 
     def take(self) -> tuple[list, float | None] | None:

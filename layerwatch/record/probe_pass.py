@@ -201,12 +201,14 @@ def saliency_function(model: keras.Model, x: np.ndarray, labels: np.ndarray | No
                 out = out[0]
             return _picked(out, y)
 
+        from .jax_state import JaxState
+
         grad = jax.jit(jax.grad(picked))
-        feed = jnp.asarray(x)
+        feed, state = jnp.asarray(x), JaxState(model)
 
         def call():
-            return grad(feed, [v.value for v in model.trainable_variables],
-                        [v.value for v in model.non_trainable_variables])
+            trainable, non_trainable, _ = state.values()  # the train loop's, unsynced
+            return grad(feed, trainable, non_trainable)
         return None, call
     if backend == "torch":
         import torch

@@ -1,0 +1,97 @@
+"""JAX: run the probes on the train loop's own state, without syncing it back.
+
+During a JAX ``fit`` Keras keeps the weights in a functional state that it
+passes from one jitted train step to the next. The model's variables get it
+back only at an epoch's end, or whenever a callback reads ``Callback.model``
+(``jax_state_sync``: every variable, the optimizer's too, assigned — and
+gathered and purged again before the next step). A probe pass that reads
+``self.model`` at every recorded step pays that round trip every step, and
+Keras' ``predict_on_batch`` adds its own per-call work on top.
+
+:class:`JaxState` instead hands a sub-model of the model (the recorder, the
+Gram extractor) the values the train loop holds right now, and runs it with
+``stateless_call`` inside one ``jax.jit`` compiled once. Which values are
+current follows Keras' own rule: the variables while ``_jax_state_synced``
+(between epochs, or after another callback synced), the loop's state
+otherwise. Nothing is written back; the train loop is left as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import keras
+
+
+class JaxState:
+    """The JAX train loop's current values for ``model``, and functions over them."""
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        self._rate: Callable[[list], Any] | None = None  # compiled at first use
+
+    def values(self) -> tuple[list, list, list]:
+        """(trainable, non-trainable, optimizer) values as the train loop has them now."""
+        model = self.model
+        state = getattr(model, "_jax_state", None)
+        if not state or getattr(model, "_jax_state_synced", True) or \
+                state.get("trainable_variables") is None:
+            optimizer = getattr(model, "optimizer", None)
+            return ([v.value for v in model.trainable_variables],
+                    [v.value for v in model.non_trainable_variables],
+                    [v.value for v in optimizer.variables] if optimizer is not None else [])
+        return (list(state["trainable_variables"]),
+                list(state.get("non_trainable_variables") or []),
+                list(state.get("optimizer_variables") or []))
+
+    def function(self, sub: keras.Model) -> Callable[[Any], Any]:
+        """``sub``'s inference-mode outputs for an input, on the current values.
+
+        If ``sub`` holds a variable the model does not, only a state sync
+        gives it the right values: then the state is synced first and Keras'
+        predict step runs."""
+        import jax
+
+        model = self.model
+        where = {id(v): (0, i) for i, v in enumerate(model.trainable_variables)}
+        where.update({id(v): (1, i) for i, v in enumerate(model.non_trainable_variables)})
+        try:
+            picks = [[where[id(v)] for v in sub.trainable_variables],
+                     [where[id(v)] for v in sub.non_trainable_variables]]
+        except KeyError:  # not the model's own variables: sync, then Keras' predict step
+            def synced(x):
+                model.jax_state_sync()
+                return sub.predict_on_batch(x)
+            return synced
+
+        def run(trainable, non_trainable, x):
+            outputs, _ = sub.stateless_call(trainable, non_trainable, x, training=False)
+            return outputs
+
+        compiled = jax.jit(run)
+        feed: list = [None, None]  # the last input and its device copy (the probes)
+
+        def call(x):
+            if feed[0] is not x:
+                feed[:] = [x, jax.tree_util.tree_map(jax.numpy.asarray, x)]
+            values = self.values()
+            return compiled([values[k][i] for k, i in picks[0]],
+                            [values[k][i] for k, i in picks[1]], feed[1])
+        return call
+
+    def learning_rate(self) -> float | None:
+        """The optimizer's learning rate at the current state (a schedule evaluated
+        at the current step), None without one."""
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None or getattr(optimizer, "learning_rate", None) is None:
+            return None
+        if self._rate is None:
+            import jax
+
+            variables = list(optimizer.variables)
+
+            def rate(values):
+                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                    return keras.ops.cast(optimizer.learning_rate, "float32")
+            self._rate = jax.jit(rate)
+        return float(self._rate(self.values()[2]))
