@@ -242,7 +242,7 @@ def test_render_writes_gradcam_and_occlusion_gifs(tmp_path):
         assert {name + ".gif", name + ".png"} <= written
     with open_run(path) as run:
         n, o = run.num_snapshots, len(run.occlusion_steps)
-    assert (n, o) == (7, 5)  # occlusion at 0, 2, 4, 6 and the final step
+    assert (n, o) == (7, 4)  # occlusion at 0, 2, 4 and 6, the final step
     assert len(iio.imread(tmp_path / "out" / "gradcam_conv1.gif", index=None)) == n
     assert len(iio.imread(tmp_path / "out" / "occlusion.gif", index=None)) == o
     capped = {p.name for p in render(path, tmp_path / "capped", max_frames=3)}

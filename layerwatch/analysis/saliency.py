@@ -65,7 +65,7 @@ class StrokeShares:
                 cells = "  ".join(f"{_percent(v):>10}" for v in values[:, p])
                 lines.append(f"{p:>5} {label:>5} {_percent(self.area[p]):>5}  {cells}")
             ratio = np.nanmean(values / self.area[None, :], axis=1)
-            lines.append(f"{'share ÷ area, mean':>18}  "
+            lines.append(f"{'share ÷ area, mean':>17}  "
                          + "  ".join(f"{r:>9.2f}x" for r in ratio))
         return "\n".join(lines)
 
