@@ -137,6 +137,92 @@ def test_saliency_at_the_last_step_matches_finite_differences(tmp_path, tiny_dat
     assert not np.allclose(saliency[0], saliency[-1], atol=2e-2 * scale)  # training moved it
 
 
+def _gradcam_model():
+    keras.utils.set_random_seed(0)
+    conv = keras.layers.Conv2D(3, 3, activation="tanh", name="conv1")
+    pool = keras.layers.GlobalAveragePooling2D()
+    dense = keras.layers.Dense(3, activation="softmax")
+    inputs = keras.Input((8, 8, 1))
+    model = keras.Model(inputs, dense(pool(conv(inputs))))
+    model.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
+    tapped = keras.Input((6, 6, 3))
+    return model, keras.Model(inputs, conv.output), keras.Model(tapped, dense(pool(tapped)))
+
+
+def test_gradcam_at_the_last_step_matches_finite_differences(tmp_path, tiny_data):
+    x, y = tiny_data
+    model, conv, head = _gradcam_model()
+    probes, labels = x[:3], y[:3].astype(int)
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[LayerWatch(
+        path, probes, labels, saliency=True, gradcam=True, max_channels=1, budget=None)])
+    with h5py.File(path, "r") as f:
+        cams, steps = f["gradcam/conv1"][:], f["steps"][:]
+        assert len(f["saliency"]) == len(steps) and f["activations/conv1"].shape[-1] == 1
+    assert cams.shape == (len(steps), 3, 6, 6) and cams.dtype == np.float32
+    # The Grad-CAM weight of channel c is the spatial mean of d picked / d A[..., c]:
+    # the derivative along "all of channel c", divided by its 36 positions.
+    a = keras.ops.convert_to_numpy(conv(probes, training=False)).astype(np.float64)
+    eps = 1e-2
+    weights = np.zeros((3, 3))
+    for c in range(3):
+        step = np.zeros_like(a)
+        step[..., c] = eps
+
+        def picked(t):
+            out = keras.ops.convert_to_numpy(head(t.astype("float32"), training=False))
+            return out[np.arange(3), labels].astype(np.float64)
+
+        weights[:, c] = (picked(a + step) - picked(a - step)) / (2 * eps) / 36
+    want = np.maximum((a * weights[:, None, None, :]).sum(axis=-1), 0)
+    scale = np.abs(want).max()
+    assert scale > 0
+    np.testing.assert_allclose(cams[-1], want, atol=2e-2 * scale)
+    assert not np.allclose(cams[0], cams[-1], atol=2e-2 * scale)  # training moved it
+
+
+def test_occlusion_matches_predict_on_the_patched_probes(tmp_path, tiny_data):
+    x, y = tiny_data
+    model, _, _ = _gradcam_model()
+    probes, labels = x[:3], y[:3].astype(int)
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[LayerWatch(
+        path, probes, labels, occlusion_every=3, occlusion_patch=4, occlusion_stride=2,
+        budget=None)])
+    fill = probes.mean(dtype=np.float64)
+    base = model.predict(probes, verbose=0)[np.arange(3), labels]
+    want = np.zeros((3, 3, 3))
+    for i, y0 in enumerate((0, 2, 4)):
+        for j, x0 in enumerate((0, 2, 4)):
+            patched = probes.copy()
+            patched[:, y0:y0 + 4, x0:x0 + 4] = fill
+            want[:, i, j] = base - model.predict(patched, verbose=0)[np.arange(3), labels]
+    with h5py.File(path, "r") as f:
+        assert f["occlusion/steps"][:].tolist() == [0, 3, 6]
+        values = f["occlusion/values"][:]
+    assert values.shape == (3, 3, 3, 3) and np.abs(want).max() > 1e-4
+    np.testing.assert_allclose(values[-1], want, atol=1e-5)
+
+
+def test_gradcam_and_occlusion_resume_with_every(tmp_path, tiny_data):
+    x, y = tiny_data
+    model, _, _ = _gradcam_model()
+    path = tmp_path / "run.h5"
+    options = dict(every=2, gradcam=True, saliency=True, occlusion_every=3, occlusion_patch=4,
+                   budget=None)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[LayerWatch(path, x[:2], y[:2], **options)])
+    model.fit(x, y, batch_size=8, epochs=2, initial_epoch=1, verbose=0,
+              callbacks=[LayerWatch(path, x[:2], y[:2], mode="append", **options)])
+    with h5py.File(path, "r") as f:
+        steps = f["steps"][:].tolist()
+        assert len(f["gradcam/conv1"]) == len(f["saliency"]) == len(steps)
+        # step 0, the first snapshot at or after 3, 6, 9 and 12 (also the final step)
+        assert f["occlusion/steps"][:].tolist() == [0, 4, 6, 10, 12]
+        assert f["occlusion/values"].shape == (5, 2, 2, 2)
+    assert steps == [0, 2, 4, 6, 8, 10, 12]
+
+
 @pytest.mark.skipif(BACKEND == "torch", reason="Keras refuses steps_per_execution > 1 on torch")
 def test_steps_per_execution_records_true_steps(tmp_path, tiny_data):
     x, y = tiny_data

@@ -54,10 +54,11 @@ class StrokeShares:
         """One block per map: a row per probe (its label and stroke area, then the
         share on strokes at each step), and the mean over probes of share ÷ area."""
         head = "probe label  area  " + "  ".join(f"{'step ' + str(s):>10}" for s in self.steps)
-        lines = [f"share of each map on the strokes (probe pixels above {self.threshold:g} of "
-                 "the probe's range) vs the strokes' share of the area:"]
-        maps = ([("saliency |d output / d input|", self.saliency)] if self.saliency is not None
-                else []) + [(f"Grad-CAM {key}", values) for key, values in self.gradcam.items()]
+        lines = [(f"share of each map on the strokes (probe pixels above {self.threshold:g} "
+                  "of the probe's range) vs the strokes' share of the area:")]
+        maps = [(f"Grad-CAM {key}", values) for key, values in self.gradcam.items()]
+        if self.saliency is not None:
+            maps.insert(0, ("saliency |d output / d input|", self.saliency))
         for title, values in maps:
             lines += ["", title, head]
             for p in range(len(self.area)):

@@ -356,8 +356,8 @@ class LayerWatch(keras.callbacks.Callback):
             max_channels=self.max_channels, channel_selection=self.channel_selection,
             analysis_probes=self.analysis_probes, stored_channels=self._stored_channels,
             saliency=self.saliency, labels=self.probe_labels, gradcam=self.gradcam,
-            occlusion=None if self.occlusion_every is None else dict(
-                patch=self.occlusion_patch, stride=self.occlusion_stride))
+            occlusion=None if self.occlusion_every is None else {
+                "patch": self.occlusion_patch, "stride": self.occlusion_stride})
 
     def _stored_channels(self, taps: list[Tap]) -> dict[int, Any] | None:
         """Channels kept by the recording being resumed (variance is not re-chosen)."""
@@ -406,8 +406,8 @@ class LayerWatch(keras.callbacks.Callback):
         occlusion = self._probes.occlusion
         if occlusion is None:
             return None
-        return dict(every=self.occlusion_every, patch=occlusion.patch, stride=occlusion.stride,
-                    fill=occlusion.fill, grid=occlusion.grid)
+        return {"every": self.occlusion_every, "patch": occlusion.patch,
+                "stride": occlusion.stride, "fill": occlusion.fill, "grid": occlusion.grid}
 
     def _occlude(self, step: int, *, final: bool = False) -> None:
         """Hand the writer the occlusion maps now, if ``step`` is an occlusion step:

@@ -21,7 +21,8 @@ tensors cannot be given an extra input).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -137,11 +138,13 @@ def gradient_function(model: keras.Model, gradient_model: keras.Model, x: np.nda
             constant = tf.convert_to_tensor(constant)
             zeros = [tf.zeros((n,) + s, dtype=d) for s, d in zip(shapes, dtypes)]
             with tf.GradientTape() as tape:
-                tape.watch(constant)
+                if saliency:  # the input gradient too (a float input: check_saliency)
+                    tape.watch(constant)
                 tape.watch(zeros)
                 outs = gradient_model([constant] + zeros, training=False)
                 picked = _picked(outs[-1], y)
-            grads = tape.gradient(picked, [constant] + zeros)
+            grads = tape.gradient(picked, [constant] + zeros) if saliency \
+                else [None] + tape.gradient(picked, zeros)
             return tuple(finish(outs, grads))
 
         compiled = tf.function(graph, reduce_retracing=True)
@@ -153,22 +156,25 @@ def gradient_function(model: keras.Model, gradient_model: keras.Model, x: np.nda
 
         y = None if labels_ is None else jnp.asarray(labels_)
 
-        def picked(inputs, trainable, non_trainable):
-            outs, _ = gradient_model.stateless_call(trainable, non_trainable, inputs,
+        def picked(x, zeros, trainable, non_trainable):
+            outs, _ = gradient_model.stateless_call(trainable, non_trainable, [x] + zeros,
                                                     training=False)
             return _picked(outs[-1], y), outs
 
-        grad = jax.grad(picked, has_aux=True)
+        # d / d input only with saliency (an integer input has no gradient)
+        grad = jax.grad(picked, argnums=(0, 1) if saliency else 1, has_aux=True)
 
         @jax.jit
-        def run(inputs, trainable, non_trainable):
-            grads, outs = grad(inputs, trainable, non_trainable)
+        def run(x, zeros, trainable, non_trainable):
+            grads, outs = grad(x, zeros, trainable, non_trainable)
+            grads = [grads[0]] + list(grads[1]) if saliency else [None] + list(grads)
             return finish(outs, grads)
 
-        feed = [jnp.asarray(x)] + [jnp.zeros((n,) + s, dtype=d) for s, d in zip(shapes, dtypes)]
+        feed = jnp.asarray(x)
+        zeros = [jnp.zeros((n,) + s, dtype=d) for s, d in zip(shapes, dtypes)]
 
         def call():
-            return run(feed, [v.value for v in gradient_model.trainable_variables],
+            return run(feed, zeros, [v.value for v in gradient_model.trainable_variables],
                        [v.value for v in gradient_model.non_trainable_variables])
         return None, call
     if backend == "torch":

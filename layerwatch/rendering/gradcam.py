@@ -14,7 +14,8 @@ grey strokes on white), so one sees *where on the digit* the layer looks.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -10,7 +10,8 @@ so every rule about these datasets sits in one module.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -18,10 +19,18 @@ import numpy as np
 from layerwatch.text import printable
 
 from . import codec
-from .schema import (ATTR_OCCLUSION_EVERY, ATTR_OCCLUSION_FILL, ATTR_OCCLUSION_PATCH,
-                     ATTR_OCCLUSION_STRIDE, GRADCAM, INDEX_FILL, OCCLUSION, OCCLUSION_STEPS,
-                     OCCLUSION_VALUES, RecordingError)
-
+from .schema import (
+    ATTR_OCCLUSION_EVERY,
+    ATTR_OCCLUSION_FILL,
+    ATTR_OCCLUSION_PATCH,
+    ATTR_OCCLUSION_STRIDE,
+    GRADCAM,
+    INDEX_FILL,
+    OCCLUSION,
+    OCCLUSION_STEPS,
+    OCCLUSION_VALUES,
+    RecordingError,
+)
 
 # -- laying out a new file ----------------------------------------------------- #
 
@@ -58,7 +67,14 @@ def create_occlusion(f: h5py.File, hold: Callable, n_probes: int, *, every: int,
 
 def gradcam_keys(f: h5py.File) -> list[str]:
     """The layer keys with a Grad-CAM dataset, sorted (the order rows are handed over in)."""
-    return sorted(f[GRADCAM]) if GRADCAM in f else []
+    if GRADCAM not in f:
+        return []
+    group = f[GRADCAM]
+    if not isinstance(group, h5py.Group) or len(group) > 4096 or not all(
+            isinstance(group.get(k, getlink=True), h5py.HardLink) for k in group):
+        raise RecordingError(f"{f.filename} is damaged: '{GRADCAM}' is not a group of "
+                             "datasets.")
+    return sorted(group)
 
 
 def occlusion_settings(f: h5py.File) -> dict[str, Any] | None:
