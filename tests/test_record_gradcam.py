@@ -282,3 +282,29 @@ def test_stroke_shares_on_a_recording(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1].startswith("Error:")
     assert "saliency=True" in result.output
+
+
+def test_readers_count_committed_rows_and_repair_cuts_them(tmp_path):
+    from layerwatch.store import repair_run
+
+    path = tmp_path / "run.h5"
+    _fit(path, gradcam=True, occlusion_every=3, occlusion_patch=4)
+    with h5py.File(path, "a") as f:
+        assert f["occlusion/steps"][:].tolist() == [0, 3, 6]
+        # as a killed writer leaves it: one Grad-CAM dataset a row short, occlusion
+        # values written without their index, an index grown before its values
+        f["gradcam/conv2"].resize(6, axis=0)
+        f["occlusion/values"].resize(5, axis=0)
+        f["occlusion/steps"].resize(4, axis=0)
+        f["status"][0] = 0
+        f.attrs["writer_pid"] = 2**22 - 1  # no such process
+    with open_run(path) as run:
+        assert run.num_snapshots == 6 and len(run.gradcam("conv1")) == 6
+        assert run.occlusion_steps.tolist() == [0, 3, 6]  # the -1 fill is not a step
+        with pytest.raises(KeyError, match="no Grad-CAM maps of layer 'bn'"):
+            run.gradcam("bn")
+    assert repair_run(path)
+    with h5py.File(path, "r") as f:  # cut to the 6 committed snapshots, steps 0..5
+        assert len(f["gradcam/conv1"]) == len(f["gradcam/conv2"]) == 6
+        assert f["occlusion/steps"][:].tolist() == [0, 3]
+        assert len(f["occlusion/values"]) == 2
