@@ -137,32 +137,44 @@ def test_saliency_at_the_last_step_matches_finite_differences(tmp_path, tiny_dat
     assert not np.allclose(saliency[0], saliency[-1], atol=2e-2 * scale)  # training moved it
 
 
-def _gradcam_model():
+def _gradcam_model(data_format="channels_last"):
     keras.utils.set_random_seed(0)
-    conv = keras.layers.Conv2D(3, 3, activation="tanh", name="conv1")
-    pool = keras.layers.GlobalAveragePooling2D()
+    first = data_format == "channels_first"
+    conv = keras.layers.Conv2D(3, 3, activation="tanh", name="conv1", data_format=data_format)
+    pool = keras.layers.GlobalAveragePooling2D(data_format=data_format)
     dense = keras.layers.Dense(3, activation="softmax")
-    inputs = keras.Input((8, 8, 1))
+    inputs = keras.Input((1, 8, 8) if first else (8, 8, 1))
     model = keras.Model(inputs, dense(pool(conv(inputs))))
     model.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
-    tapped = keras.Input((6, 6, 3))
+    tapped = keras.Input((3, 6, 6) if first else (6, 6, 3))
     return model, keras.Model(inputs, conv.output), keras.Model(tapped, dense(pool(tapped)))
 
 
-def test_gradcam_at_the_last_step_matches_finite_differences(tmp_path, tiny_data):
+@pytest.mark.parametrize("data_format", [
+    "channels_last",
+    pytest.param("channels_first", marks=pytest.mark.skipif(
+        BACKEND == "tensorflow", reason="TensorFlow's CPU Conv2D is channels-last only")),
+])
+def test_gradcam_at_the_last_step_matches_finite_differences(tmp_path, tiny_data, data_format):
     x, y = tiny_data
-    model, conv, head = _gradcam_model()
+    first = data_format == "channels_first"
+    if first:
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    model, conv, head = _gradcam_model(data_format)
     probes, labels = x[:3], y[:3].astype(int)
     path = tmp_path / "run.h5"
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[LayerWatch(
         path, probes, labels, saliency=True, gradcam=True, max_channels=1, budget=None)])
     with h5py.File(path, "r") as f:
         cams, steps = f["gradcam/conv1"][:], f["steps"][:]
-        assert len(f["saliency"]) == len(steps) and f["activations/conv1"].shape[-1] == 1
+        assert len(f["saliency"]) == len(steps)
+        assert f["activations/conv1"].shape[2 if first else -1] == 1
     assert cams.shape == (len(steps), 3, 6, 6) and cams.dtype == np.float32
     # The Grad-CAM weight of channel c is the spatial mean of d picked / d A[..., c]:
     # the derivative along "all of channel c", divided by its 36 positions.
     a = keras.ops.convert_to_numpy(conv(probes, training=False)).astype(np.float64)
+    if first:
+        a = a.transpose(0, 2, 3, 1)  # compared channels-last below
     eps = 1e-2
     weights = np.zeros((3, 3))
     for c in range(3):
@@ -170,6 +182,7 @@ def test_gradcam_at_the_last_step_matches_finite_differences(tmp_path, tiny_data
         step[..., c] = eps
 
         def picked(t):
+            t = t.transpose(0, 3, 1, 2) if first else t
             out = keras.ops.convert_to_numpy(head(t.astype("float32"), training=False))
             return out[np.arange(3), labels].astype(np.float64)
 

@@ -45,7 +45,7 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
            progress: Progress | None = None, notes: Notes | None = None) -> list[Path]:
     """Render a recording: ``<layer>.gif``, ``<layer>.png`` per layer and ``curves.png``,
     and ``saliency.gif`` / ``saliency.png`` when the run recorded saliency maps,
-    ``gradcam_<layer>.gif`` / ``.png`` when it recorded Grad-CAM, and
+    ``gradcam_<layer>.gif`` / ``.png`` for each rendered layer with Grad-CAM maps, and
     ``occlusion.gif`` / ``occlusion.png`` (one frame per occlusion step) when it
     recorded occlusion maps.
 
@@ -139,7 +139,8 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
             panels: list = [(layer, None) for layer in chosen]
             if saliency is not None:
                 panels.append((saliency, SaliencyPanel))
-            panels += [(cam, GradCamPanel) for cam in gradcam_layers(run)]
+            keys = {layer.key for layer in chosen}  # Grad-CAM of the layers rendered
+            panels += [(cam, GradCamPanel) for cam in gradcam_layers(run) if cam.key in keys]
             occluded = occlusion_layer(run)
             if occluded is not None:
                 panels.append((occluded, OcclusionPanel))
