@@ -143,8 +143,9 @@ def gradient_function(model: keras.Model, gradient_model: keras.Model, x: np.nda
                 tape.watch(zeros)
                 outs = gradient_model([constant] + zeros, training=False)
                 picked = _picked(outs[-1], y)
-            grads = tape.gradient(picked, [constant] + zeros) if saliency \
-                else [None] + tape.gradient(picked, zeros)
+            zero = tf.UnconnectedGradients.ZERO  # a layer off the output's path: all 0
+            grads = tape.gradient(picked, [constant] + zeros, unconnected_gradients=zero) \
+                if saliency else [None] + tape.gradient(picked, zeros, unconnected_gradients=zero)
             return tuple(finish(outs, grads))
 
         compiled = tf.function(graph, reduce_retracing=True)
@@ -189,7 +190,8 @@ def gradient_function(model: keras.Model, gradient_model: keras.Model, x: np.nda
             with torch.enable_grad():
                 outs = gradient_model(inputs, training=False)
                 wrt = inputs if saliency else inputs[1:]
-                grads = list(torch.autograd.grad(_picked(outs[-1], y), wrt))
+                grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, (
+                    torch.autograd.grad(_picked(outs[-1], y), wrt, allow_unused=True)))]
             if not saliency:
                 grads = [None] + grads
             with torch.no_grad():
