@@ -152,6 +152,23 @@ def test_occlusion_matches_predict_on_patched_probes_and_its_schedule(tmp_path):
             run.gradcam("conv1", 0)
 
 
+def test_occlusion_without_labels_follows_the_top_class(tmp_path):
+    model = _model()
+    x, y = _data()
+    probes = x[:3]
+    out = model.predict(probes, verbose=0)
+    top = out.argmax(axis=1)
+    patched = probes.copy()
+    patched[:, 0:8, 0:8] = probes.mean(dtype=np.float64)  # one patch: the whole image
+    want = out[np.arange(3), top] - model.predict(patched, verbose=0)[np.arange(3), top]
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[LayerWatch(
+        path, probes, budget=None, occlusion_every=100, occlusion_patch=8)])
+    with h5py.File(path, "r") as f:
+        assert f["occlusion/steps"][:].tolist() == [0, 6]
+        np.testing.assert_allclose(f["occlusion/values"][0, :, 0, 0], want, atol=1e-5)
+
+
 def test_occlusion_follows_every_and_the_default_stride(tmp_path):
     path = tmp_path / "run.h5"
     _fit(path, every=4, occlusion_every=5, occlusion_patch=3)
