@@ -194,6 +194,46 @@ def test_gradcam_at_the_last_step_matches_finite_differences(tmp_path, tiny_data
     assert not np.allclose(cams[0], cams[-1], atol=2e-2 * scale)  # training moved it
 
 
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.conv = keras.layers.Conv2D(3, 3, activation="tanh", name="conv")
+        self.pool = keras.layers.GlobalAveragePooling2D()
+        self.dense = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, x):
+        return self.dense(self.pool(self.conv(x)))
+
+
+def test_gradcam_of_a_subclassed_model_matches_finite_differences(tmp_path, tiny_data):
+    x, y = tiny_data
+    keras.utils.set_random_seed(0)
+    model = Subclassed()
+    model(x[:1])
+    model.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
+    probes, labels = x[:3], y[:3].astype(int)
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[LayerWatch(
+        path, probes, labels, gradcam=True, budget=None)])
+    with h5py.File(path, "r") as f:
+        cams = f["gradcam/conv"][:]
+    a = keras.ops.convert_to_numpy(model.conv(probes)).astype(np.float64)
+    eps, weights = 1e-2, np.zeros((3, 3))
+    for c in range(3):
+        step = np.zeros_like(a)
+        step[..., c] = eps
+
+        def picked(t):
+            out = keras.ops.convert_to_numpy(model.dense(model.pool(t.astype("float32"))))
+            return out[np.arange(3), labels].astype(np.float64)
+
+        weights[:, c] = (picked(a + step) - picked(a - step)) / (2 * eps) / 36
+    want = np.maximum((a * weights[:, None, None, :]).sum(axis=-1), 0)
+    scale = np.abs(want).max()
+    assert scale > 0 and len(cams) == 7
+    np.testing.assert_allclose(cams[-1], want, atol=2e-2 * scale)
+
+
 def test_occlusion_matches_predict_on_the_patched_probes(tmp_path, tiny_data):
     x, y = tiny_data
     model, _, _ = _gradcam_model()

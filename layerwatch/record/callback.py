@@ -133,8 +133,8 @@ class LayerWatch(keras.callbacks.Callback):
         the spatial mean of the gradient of the same output saliency uses with
         respect to the recorded tensor ``A``. Shares saliency's backward pass.
         Stored as float32 in ``gradcam/<key>``, ``(snapshots, probes, h, w)``.
-        1-D and 3-D convolutions get none. Sequential and Functional models
-        with one input and one output only (else a ValueError at ``fit``'s start).
+        1-D and 3-D convolutions get none. Models with one input and one output
+        only (else a ValueError at ``fit``'s start).
     occlusion_every : int or None, default None
         Also record occlusion sensitivity at step 0, at the first recorded step
         at or after every multiple of this, and at the final step: per probe and

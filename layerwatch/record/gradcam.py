@@ -12,11 +12,12 @@ one zero-valued extra input added to each Grad-CAM layer's recorded tensor, so
 input, which ``tf.GradientTape``, ``jax.grad`` and torch autograd all take
 alike. The same call gives ``d y / d input`` (saliency) when that is on.
 
+In a subclassed model the zero is added where its layers' outputs are captured
+(:class:`_ZeroCapture`, like :class:`~layerwatch.record.extractor._Capture`).
+
 Only layers whose recorded tensor has two spatial axes (``Conv2D``,
 ``SeparableConv2D``, ``DepthwiseConv2D``, ``Conv2DTranspose``, …) get Grad-CAM: a
 map over the image is what it is for. 1-D and 3-D convolutions are skipped.
-Sequential and Functional models only (a subclassed model's intermediate
-tensors cannot be given an extra input).
 """
 
 from __future__ import annotations
@@ -39,11 +40,6 @@ def gradcam_taps(taps: Sequence[Tap], outputs: Sequence[Any]) -> list[int]:
 def check_gradcam(model: keras.Model, taps: Sequence[Tap], chosen: Sequence[int],
                   n_inputs: int) -> None:
     """Refuse, at fit start, a model Grad-CAM cannot be computed for."""
-    if not is_graph_model(model):
-        raise ValueError(
-            f"gradcam=True needs a Sequential or Functional model; model '{model.name}' is "
-            "subclassed, and its layers' outputs cannot be differentiated separately. Build "
-            "it with the functional API, or record without gradcam=True.")
     if n_inputs != 1:
         raise ValueError(f"gradcam=True needs a model with one input; model '{model.name}' "
                          f"has {n_inputs}. Record without gradcam=True.")
@@ -59,13 +55,20 @@ def check_gradcam(model: keras.Model, taps: Sequence[Tap], chosen: Sequence[int]
 
 
 def build_gradient_model(model: keras.Model, taps: Sequence[Tap], chosen: Sequence[int],
-                         spec: tuple[tuple[Any, ...], str]) -> keras.Model:
+                         spec: tuple[tuple[Any, ...], str], outputs: Sequence[Any]
+                         ) -> keras.Model:
     """``[x, zero_1, …] -> [A_1 + zero_1, …, model output]`` for the chosen taps.
 
     Raises ValueError when a chosen layer's output cannot be given its zero input
     (it sits inside a subclassed model nested in the graph).
     """
     x = keras.Input(shape=spec[0], dtype=spec[1])
+    if not is_graph_model(model):
+        zeros = [keras.Input(shape=tuple(outputs[i].shape[1:]), dtype=outputs[i].dtype,
+                             name=f"layerwatch_zero_{i}") for i in chosen]
+        found = _ZeroCapture(model, [taps[i].recorded for i in chosen])([x] + zeros)
+        return keras.Model([x] + zeros, found[1:] + found[:1],
+                           name=f"{model.name}_layerwatch_gradients")
     wanted = {taps[i].call: i for i in chosen}
     zeros: dict[int, Any] = {}
     tapped: dict[int, Any] = {}
@@ -92,6 +95,39 @@ def build_gradient_model(model: keras.Model, taps: Sequence[Tap], chosen: Sequen
     return keras.Model([x] + [zeros[i] for i in chosen],
                        [tapped[i] for i in chosen] + [output],
                        name=f"{model.name}_layerwatch_gradients")
+
+
+class _ZeroCapture(keras.layers.Layer):
+    """Runs a subclassed model with ``zeros[i]`` added to the first output of
+    ``layers[i]``; hands back ``[model output, those outputs…]``.
+
+    Each layer's ``call`` is wrapped only while this layer's ``call`` runs (as
+    :class:`~layerwatch.record.extractor._Capture` does), so training never
+    runs through it.
+    """
+
+    def __init__(self, model: keras.Model, layers: Sequence[keras.layers.Layer], **kwargs):
+        super().__init__(name=f"{model.name}_gradcam_capture", **kwargs)
+        self.inner = model
+        self._watched = list(layers)
+
+    def call(self, inputs):
+        x, zeros = inputs[0], inputs[1:]
+        found: dict[int, Any] = {}
+        for layer, zero in zip(self._watched, zeros):
+            def call(*args, _layer=layer, _original=layer.call, _zero=zero, **kwargs):
+                out = _original(*args, **kwargs)
+                if id(_layer) in found:
+                    return out
+                found[id(_layer)] = out = keras.ops.add(out, _zero)
+                return out
+            layer.call = call
+        try:
+            output = self.inner(x, training=False)
+        finally:
+            for layer in self._watched:
+                layer.__dict__.pop("call", None)  # the class's own call again
+        return [output] + [found[id(layer)] for layer in self._watched]
 
 
 def _cam(activation: Any, gradient: Any, axis: int) -> Any:

@@ -104,7 +104,8 @@ class ProbePass:
                            if k not in (0, axis)]
                 self.gradcam_shapes[self.taps[i].key] = (spatial[0], spatial[1])
             self.saliency_graph, self._gradients = gradient_function(
-                model, build_gradient_model(model, self.taps, chosen, specs[0]),
+                model, build_gradient_model(model, self.taps, chosen, specs[0],
+                                            extractor.outputs),
                 self.inputs[0], self.labels, cam_axes, saliency=saliency)
         elif saliency:
             self.saliency_graph, call = saliency_function(model, self.inputs[0], self.labels)
