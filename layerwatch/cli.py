@@ -326,6 +326,22 @@ def drift(run: str, out: str | None, layers: tuple[str, ...], threshold: float,
     _echo_written([png])
 
 
+@main.command(short_help="How much saliency and Grad-CAM fall on the probes' strokes.")
+@click.argument("run", type=click.Path(dir_okay=False))
+@click.option("--points", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Steps to measure: the first, the last and evenly spaced ones between.")
+@click.option("--threshold", type=click.FloatRange(0, 1, max_open=True), default=0.5,
+              show_default=True,
+              help="A stroke pixel is above this fraction of its probe's value range.")
+def saliency(run: str, points: int, threshold: float) -> None:
+    """Print, per probe and over training, the share of RUN.h5's saliency maps
+    (and Grad-CAM mass) on each probe's strokes, beside the strokes' share of the area.
+    """
+    from .analysis.saliency import stroke_shares
+
+    click.echo(stroke_shares(run, points=points, threshold=threshold).table())
+
+
 @main.command(short_help="Put the same layers of several runs side by side.")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @_out_option("outputs/compare_<run>_<run>...")

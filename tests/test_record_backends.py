@@ -163,6 +163,145 @@ def test_saliency_at_the_last_step_matches_finite_differences(tmp_path, tiny_dat
     assert not np.allclose(saliency[0], saliency[-1], atol=2e-2 * scale)  # training moved it
 
 
+def _gradcam_model(data_format="channels_last"):
+    keras.utils.set_random_seed(0)
+    first = data_format == "channels_first"
+    conv = keras.layers.Conv2D(3, 3, activation="tanh", name="conv1", data_format=data_format)
+    pool = keras.layers.GlobalAveragePooling2D(data_format=data_format)
+    dense = keras.layers.Dense(3, activation="softmax")
+    inputs = keras.Input((1, 8, 8) if first else (8, 8, 1))
+    model = keras.Model(inputs, dense(pool(conv(inputs))))
+    model.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
+    tapped = keras.Input((3, 6, 6) if first else (6, 6, 3))
+    return model, keras.Model(inputs, conv.output), keras.Model(tapped, dense(pool(tapped)))
+
+
+@pytest.mark.parametrize("data_format", [
+    "channels_last",
+    pytest.param("channels_first", marks=pytest.mark.skipif(
+        BACKEND == "tensorflow", reason="TensorFlow's CPU Conv2D is channels-last only")),
+])
+def test_gradcam_at_the_last_step_matches_finite_differences(tmp_path, tiny_data, data_format):
+    x, y = tiny_data
+    first = data_format == "channels_first"
+    if first:
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    model, conv, head = _gradcam_model(data_format)
+    probes, labels = x[:3], y[:3].astype(int)
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[LayerWatch(
+        path, probes, labels, saliency=True, gradcam=True, max_channels=1, budget=None)])
+    with h5py.File(path, "r") as f:
+        cams, steps = f["gradcam/conv1"][:], f["steps"][:]
+        assert len(f["saliency"]) == len(steps)
+        assert f["activations/conv1"].shape[2 if first else -1] == 1
+    assert cams.shape == (len(steps), 3, 6, 6) and cams.dtype == np.float32
+    # The Grad-CAM weight of channel c is the spatial mean of d picked / d A[..., c]:
+    # the derivative along "all of channel c", divided by its 36 positions.
+    a = keras.ops.convert_to_numpy(conv(probes, training=False)).astype(np.float64)
+    if first:
+        a = a.transpose(0, 2, 3, 1)  # compared channels-last below
+    eps = 1e-2
+    weights = np.zeros((3, 3))
+    for c in range(3):
+        step = np.zeros_like(a)
+        step[..., c] = eps
+
+        def picked(t):
+            t = t.transpose(0, 3, 1, 2) if first else t
+            out = keras.ops.convert_to_numpy(head(t.astype("float32"), training=False))
+            return out[np.arange(3), labels].astype(np.float64)
+
+        weights[:, c] = (picked(a + step) - picked(a - step)) / (2 * eps) / 36
+    want = np.maximum((a * weights[:, None, None, :]).sum(axis=-1), 0)
+    scale = np.abs(want).max()
+    assert scale > 0
+    np.testing.assert_allclose(cams[-1], want, atol=2e-2 * scale)
+    assert not np.allclose(cams[0], cams[-1], atol=2e-2 * scale)  # training moved it
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.conv = keras.layers.Conv2D(3, 3, activation="tanh", name="conv")
+        self.pool = keras.layers.GlobalAveragePooling2D()
+        self.dense = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, x):
+        return self.dense(self.pool(self.conv(x)))
+
+
+def test_gradcam_of_a_subclassed_model_matches_finite_differences(tmp_path, tiny_data):
+    x, y = tiny_data
+    keras.utils.set_random_seed(0)
+    model = Subclassed()
+    model(x[:1])
+    model.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
+    probes, labels = x[:3], y[:3].astype(int)
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[LayerWatch(
+        path, probes, labels, gradcam=True, budget=None)])
+    with h5py.File(path, "r") as f:
+        cams = f["gradcam/conv"][:]
+    a = keras.ops.convert_to_numpy(model.conv(probes)).astype(np.float64)
+    eps, weights = 1e-2, np.zeros((3, 3))
+    for c in range(3):
+        step = np.zeros_like(a)
+        step[..., c] = eps
+
+        def picked(t):
+            out = keras.ops.convert_to_numpy(model.dense(model.pool(t.astype("float32"))))
+            return out[np.arange(3), labels].astype(np.float64)
+
+        weights[:, c] = (picked(a + step) - picked(a - step)) / (2 * eps) / 36
+    want = np.maximum((a * weights[:, None, None, :]).sum(axis=-1), 0)
+    scale = np.abs(want).max()
+    assert scale > 0 and len(cams) == 7
+    np.testing.assert_allclose(cams[-1], want, atol=2e-2 * scale)
+
+
+def test_occlusion_matches_predict_on_the_patched_probes(tmp_path, tiny_data):
+    x, y = tiny_data
+    model, _, _ = _gradcam_model()
+    probes, labels = x[:3], y[:3].astype(int)
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[LayerWatch(
+        path, probes, labels, occlusion_every=3, occlusion_patch=4, occlusion_stride=2,
+        budget=None)])
+    fill = probes.mean(dtype=np.float64)
+    base = model.predict(probes, verbose=0)[np.arange(3), labels]
+    want = np.zeros((3, 3, 3))
+    for i, y0 in enumerate((0, 2, 4)):
+        for j, x0 in enumerate((0, 2, 4)):
+            patched = probes.copy()
+            patched[:, y0:y0 + 4, x0:x0 + 4] = fill
+            want[:, i, j] = base - model.predict(patched, verbose=0)[np.arange(3), labels]
+    with h5py.File(path, "r") as f:
+        assert f["occlusion/steps"][:].tolist() == [0, 3, 6]
+        values = f["occlusion/values"][:]
+    assert values.shape == (3, 3, 3, 3) and np.abs(want).max() > 1e-4
+    np.testing.assert_allclose(values[-1], want, atol=1e-5)
+
+
+def test_gradcam_and_occlusion_resume_with_every(tmp_path, tiny_data):
+    x, y = tiny_data
+    model, _, _ = _gradcam_model()
+    path = tmp_path / "run.h5"
+    options = dict(every=2, gradcam=True, saliency=True, occlusion_every=3, occlusion_patch=4,
+                   budget=None)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[LayerWatch(path, x[:2], y[:2], **options)])
+    model.fit(x, y, batch_size=8, epochs=2, initial_epoch=1, verbose=0,
+              callbacks=[LayerWatch(path, x[:2], y[:2], mode="append", **options)])
+    with h5py.File(path, "r") as f:
+        steps = f["steps"][:].tolist()
+        assert len(f["gradcam/conv1"]) == len(f["saliency"]) == len(steps)
+        # step 0, the first snapshot at or after 3, 6, 9 and 12 (also the final step)
+        assert f["occlusion/steps"][:].tolist() == [0, 4, 6, 10, 12]
+        assert f["occlusion/values"].shape == (5, 2, 2, 2)
+    assert steps == [0, 2, 4, 6, 8, 10, 12]
+
+
 @pytest.mark.skipif(BACKEND == "torch", reason="Keras refuses steps_per_execution > 1 on torch")
 def test_steps_per_execution_records_true_steps(tmp_path, tiny_data):
     x, y = tiny_data

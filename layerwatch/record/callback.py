@@ -30,6 +30,7 @@ from .chief import env_is_chief, is_chief
 from .extractor import LayerSelector, Tap
 from .fused import DeferredSnapshot, FusedProbePass, can_fuse
 from .jax_state import JaxState
+from .occlusion import DEFAULT_PATCH, check_occlusion_options
 from .options import check_analysis_probes, check_every, check_path, check_recording_options
 from .probe_pass import ProbePass
 from .probes import check_labels, check_probe_set, probe_count
@@ -126,6 +127,27 @@ class LayerWatch(keras.callbacks.Callback):
         ``saliency``, ``(snapshots, probes, *input shape)``. One-input,
         one-output models with a floating-point input only (else a ValueError
         at ``fit``'s start).
+    gradcam : bool, default False
+        Also record, at every recorded step, the Grad-CAM map of every recorded
+        layer with a 2-D spatial output, per probe: ``relu(sum_c w_c A_c)``
+        over all the layer's channels (``max_channels`` does not cut it), ``w_c``
+        the spatial mean of the gradient of the same output saliency uses with
+        respect to the recorded tensor ``A``. Shares saliency's backward pass.
+        Stored as float32 in ``gradcam/<key>``, ``(snapshots, probes, h, w)``.
+        1-D and 3-D convolutions get none. Models with one input and one output
+        only (else a ValueError at ``fit``'s start).
+    occlusion_every : int or None, default None
+        Also record occlusion sensitivity at step 0, at the first recorded step
+        at or after every multiple of this, and at the final step: per probe and
+        patch position, how much the labelled output drops when that square
+        patch is set to grey (the mean of all probe pixels). Stored in
+        ``occlusion/values``, ``(O, probes, gh, gw)``, at ``occlusion/steps``.
+        All patched copies run in one compiled inference call.
+    occlusion_patch : int, default 7
+        Patch side in input pixels.
+    occlusion_stride : int or None, default None
+        Step between patch positions in pixels; None: the patch size
+        (patches tile the image without overlap).
 
     Notes
     -----
@@ -159,7 +181,9 @@ class LayerWatch(keras.callbacks.Callback):
                  max_channels: int | None = None, channel_selection: str = "first",
                  budget: float | None = 0.2, analysis_probes: Any = None,
                  analysis_every: int = 10, disk_budget: float | None = DISK_BUDGET,
-                 saliency: bool = False):
+                 saliency: bool = False, gradcam: bool = False,
+                 occlusion_every: int | None = None, occlusion_patch: int = DEFAULT_PATCH,
+                 occlusion_stride: int | None = None):
         super().__init__()
         # A worker that will not write must not refuse the chief's file.
         self.path = check_path(path, mode if env_is_chief() else "overwrite")
@@ -184,6 +208,12 @@ class LayerWatch(keras.callbacks.Callback):
         self.budget = None if budget is None else float(budget)
         self.disk_budget = None if disk_budget is None else float(disk_budget)
         self.saliency = bool(saliency)
+        check_occlusion_options(occlusion_every, occlusion_patch, occlusion_stride)
+        self.gradcam = bool(gradcam)
+        self.occlusion_every = None if occlusion_every is None else int(occlusion_every)
+        self.occlusion_patch = int(occlusion_patch)
+        self.occlusion_stride = int(occlusion_stride or occlusion_patch)
+        self._last_occlusion: int | None = None
         self._probes: ProbePass | None = None      # built once per model
         self._jax_state: JaxState | None = None     # on JAX, for the learning rate
         self._fusion: FusedProbePass | None = None  # built once, reused by later fits
@@ -231,6 +261,7 @@ class LayerWatch(keras.callbacks.Callback):
             self._disk_checked = True
         if self._last_step != step:
             self._record(step, first, self._analysis_grams(step))
+            self._occlude(step)
         # Measured once per callback: a resumed or repeated fit() warns no more.
         self._meter = CostMeter() if self.budget is not None and not self._budget_checked \
             else None
@@ -269,6 +300,8 @@ class LayerWatch(keras.callbacks.Callback):
                 self._deferred.defer(step, self._epoch, self._analysis_grams(step), scalars)
                 self._last_step = step
                 scalars = None
+            if recorded:
+                self._occlude(step)
             if scalars:
                 self._writer.add_batch_logs(step, scalars)
             if self._meter is not None:
@@ -305,6 +338,7 @@ class LayerWatch(keras.callbacks.Callback):
                 elif self._probes.analysis_count and self._last_analysis != step:
                     # Grams for the final step
                     self._record(step, None, self._analysis_grams(step, final=True))
+                self._occlude(step, final=True)
             except Exception as exc:
                 self._stop_recording(exc)
         self._close(status=STATUS_STOPPED if self._failed else STATUS_COMPLETE)
@@ -323,7 +357,9 @@ class LayerWatch(keras.callbacks.Callback):
             model, self.probes, layers=self.layers, dtype=self.dtype,
             max_channels=self.max_channels, channel_selection=self.channel_selection,
             analysis_probes=self.analysis_probes, stored_channels=self._stored_channels,
-            saliency=self.saliency, labels=self.probe_labels)
+            saliency=self.saliency, labels=self.probe_labels, gradcam=self.gradcam,
+            occlusion=None if self.occlusion_every is None else {
+                "patch": self.occlusion_patch, "stride": self.occlusion_stride})
         self._jax_state = JaxState(model) if keras.backend.backend() == "jax" else None
 
     def _stored_channels(self, taps: list[Tap]) -> dict[int, Any] | None:
@@ -346,9 +382,12 @@ class LayerWatch(keras.callbacks.Callback):
             self._writer = RunWriter.append(
                 self.path, layers=specs, probes_x=probes.inputs[0], probes_y=self.probe_labels,
                 from_step=step, analysis_probes=probes.analysis_count,
-                saliency=probes.saliency_shape is not None, **options)
+                saliency=probes.saliency_shape is not None,
+                gradcam=list(probes.gradcam_shapes), occlusion=self._occlusion_settings(),
+                **options)
             self._last_step = self._writer.resumed.last_step
             self._last_analysis = self._writer.resumed.last_analysis
+            self._last_occlusion = self._writer.resumed.last_occlusion
         else:
             self._writer = RunWriter.create(
                 self.path, layers=specs, probes_x=probes.inputs[0], probes_y=self.probe_labels,
@@ -359,10 +398,31 @@ class LayerWatch(keras.callbacks.Callback):
                 compression=self.compression,
                 analysis_probes_x=_first(probes.analysis_feed),
                 analysis_every=self.analysis_every, saliency_shape=probes.saliency_shape,
-                **options)
-            self._last_step = self._last_analysis = None
+                gradcam_shapes=probes.gradcam_shapes or None,
+                occlusion=self._occlusion_settings(), **options)
+            self._last_step = self._last_analysis = self._last_occlusion = None
         self._owns_file = True
         self._failed = False
+
+    def _occlusion_settings(self) -> dict[str, Any] | None:
+        """What the file is told about the occlusion maps (None without them)."""
+        occlusion = self._probes.occlusion
+        if occlusion is None:
+            return None
+        return {"every": self.occlusion_every, "patch": occlusion.patch,
+                "stride": occlusion.stride, "fill": occlusion.fill, "grid": occlusion.grid}
+
+    def _occlude(self, step: int, *, final: bool = False) -> None:
+        """Hand the writer the occlusion maps now, if ``step`` is an occlusion step:
+        step 0 (the first), the first recorded step at or after each multiple of
+        ``occlusion_every``, and the final step. Run at the batch end, on the
+        weights of ``step`` (also when its snapshot is deferred to the next call)."""
+        if self._probes.occlusion is None or self._last_occlusion == step or not (
+                final or self._last_occlusion is None
+                or step // self.occlusion_every > self._last_occlusion // self.occlusion_every):
+            return
+        self._writer.add_occlusion(step, self._probes.occlusion())
+        self._last_occlusion = step
 
     def _fused_pass(self, model: keras.Model, like: list[np.ndarray]) -> FusedProbePass:
         """The fused train function, installed: built once, rebuilt if the model changed.
@@ -382,13 +442,14 @@ class LayerWatch(keras.callbacks.Callback):
         the form a fused call's snapshot has too (see :meth:`_split`)."""
         # One compiled, inference-mode call (built once; on JAX on the train
         # loop's state as it is, unsynced): see extractor.probe_function.
-        arrays = self._probes.snapshot()
-        saliency = self._probes.saliency()
-        return arrays if saliency is None else arrays + [saliency]
+        return self._probes.snapshot() + self._probes.gradients()
 
     def _split(self, arrays: list[np.ndarray] | None
                ) -> tuple[list[np.ndarray] | None, np.ndarray | None]:
-        """(the taps' arrays, the saliency maps or None) of a snapshot."""
+        """(the taps' arrays, the saliency maps or None) of a snapshot (its
+        Grad-CAM maps, last, are :meth:`_gradcam`'s)."""
+        if arrays is not None and self._probes.gradcam_shapes:
+            arrays = arrays[:-len(self._probes.gradcam_shapes)]
         if arrays is None or self._probes.saliency_shape is None:
             return arrays, None
         return arrays[:-1], np.asarray(arrays[-1], dtype=np.float32)
@@ -404,10 +465,19 @@ class LayerWatch(keras.callbacks.Callback):
 
     def _record(self, step: int, arrays: list[np.ndarray] | None,
                 grams: list[np.ndarray] | None, *, epoch: int | None = None) -> None:
+        cams = self._gradcam(arrays)
         arrays, saliency = self._split(arrays)
         self._writer.add_snapshot(step, self._epoch if epoch is None else epoch, arrays, grams,
-                                  saliency=saliency)
+                                  saliency=saliency, gradcam=cams)
         self._last_step = step
+
+    def _gradcam(self, arrays: list[np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        """Layer key -> Grad-CAM maps of a snapshot (its last arrays), or None."""
+        keys = list(self._probes.gradcam_shapes)
+        if arrays is None or not keys:
+            return None
+        return {key: np.asarray(a, dtype=np.float32)
+                for key, a in zip(keys, arrays[-len(keys):])}
 
     def _take_deferred(self, *, now: bool = False) -> None:
         """Record the snapshot deferred to this train call (``now``: with a
@@ -503,6 +573,8 @@ class LayerWatch(keras.callbacks.Callback):
         extra = n * n * 4 * len(first) * (planned // self.analysis_every + 2) if n else 0
         if saliency is not None:  # float32, counted uncompressed (an upper bound)
             extra += saliency.nbytes * (planned // self.every + 2)
+        for h, w in self._probes.gradcam_shapes.values():  # likewise
+            extra += self._probes.count * h * w * 4 * (planned // self.every + 2)
         self._follow(over_disk(
             per_layer=snapshot_bytes(first, self.compression),
             names=[tap.key for tap in self._probes.taps], channels=self._probes.kept_channels,

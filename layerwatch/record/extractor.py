@@ -53,6 +53,7 @@ class Tap:
     chain: list[str]               # names from the selected layer to the recorded one
     path: str                      # nested-model path, e.g. "encoder/conv1"
     input_index: int = 0           # the model input the recorded tensor is computed from
+    call: int | None = None        # which layer call of the trace it is (graph models)
 
     @property
     def activation(self) -> str:
@@ -96,7 +97,9 @@ def _walk(model: keras.Model, prefix: str = ""):
 def _trace(model: keras.Model, inputs: Any, on_call: Callable) -> Any:
     """Call ``model``'s layers on symbolic ``inputs``, flattening nested models.
 
-    ``on_call(layer, inputs, outputs)`` sees every layer call. Functional
+    ``on_call(layer, inputs, outputs)`` sees every layer call; what it returns,
+    if not None, is used in place of the layer's output (the Grad-CAM model
+    adds a zero input there: :mod:`~layerwatch.record.gradcam`). Functional
     models are replayed node by node through Keras' own graph runner
     (``Functional._run_through_graph``, a private API stable across Keras 3);
     Sequential models are a plain chain of their layers.
@@ -107,8 +110,8 @@ def _trace(model: keras.Model, inputs: Any, on_call: Callable) -> Any:
 
         def run(*args, **kwargs):
             out = layer(*args, **kwargs)
-            on_call(layer, args, out)
-            return out
+            replaced = on_call(layer, args, out)
+            return out if replaced is None else replaced
         return run
 
     if isinstance(model, keras.Sequential):
@@ -290,7 +293,8 @@ def build_extractor(model: keras.Model, layers: LayerSelector,
         key = _unique_key(path.replace("/", "."), used_keys)
         came_from = origin.get(id(out)) or frozenset([0])
         taps.append(Tap(key=key, layer=layer, recorded=recorded, chain=chain, path=path,
-                        input_index=min(came_from)))
+                        input_index=min(came_from),
+                        call=index if is_graph_model(model) else None))
         outputs.append(out)
     if skipped:
         warnings.warn(

@@ -81,8 +81,10 @@ class FusedProbePass:
             outputs = tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
             if saliency is not None:
                 # The input gradient of the probes (a tape of its own, on the
-                # same starting weights): handed back after the activations.
-                outputs += (saliency(constant),)
+                # same starting weights): handed back after the activations;
+                # with Grad-CAM, the saliency maps and then the Grad-CAMs.
+                extra = saliency(constant)
+                outputs += tuple(extra) if isinstance(extra, (list, tuple)) else (extra,)
             return outputs
 
         def skip():

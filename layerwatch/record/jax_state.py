@@ -44,6 +44,24 @@ class JaxState:
                 list(state.get("non_trainable_variables") or []),
                 list(state.get("optimizer_variables") or []))
 
+    def values_for(self, sub: keras.Model) -> Callable[[], tuple[list, list]] | None:
+        """A function giving ``sub``'s (trainable, non-trainable) values now, in
+        ``sub``'s own variable order; None if ``sub`` holds a variable the model
+        does not."""
+        model = self.model
+        where = {id(v): (0, i) for i, v in enumerate(model.trainable_variables)}
+        where.update({id(v): (1, i) for i, v in enumerate(model.non_trainable_variables)})
+        try:
+            picks = [[where[id(v)] for v in sub.trainable_variables],
+                     [where[id(v)] for v in sub.non_trainable_variables]]
+        except KeyError:
+            return None
+
+        def current():
+            values = self.values()
+            return ([values[k][i] for k, i in picks[0]], [values[k][i] for k, i in picks[1]])
+        return current
+
     def function(self, sub: keras.Model) -> Callable[[Any], Any]:
         """``sub``'s inference-mode outputs for an input, on the current values.
 
@@ -53,12 +71,8 @@ class JaxState:
         import jax
 
         model = self.model
-        where = {id(v): (0, i) for i, v in enumerate(model.trainable_variables)}
-        where.update({id(v): (1, i) for i, v in enumerate(model.non_trainable_variables)})
-        try:
-            picks = [[where[id(v)] for v in sub.trainable_variables],
-                     [where[id(v)] for v in sub.non_trainable_variables]]
-        except KeyError:  # not the model's own variables: sync, then Keras' predict step
+        current = self.values_for(sub)
+        if current is None:
             def synced(x):
                 model.jax_state_sync()
                 return sub.predict_on_batch(x)
@@ -74,9 +88,7 @@ class JaxState:
         def call(x):
             if feed[0] is not x:
                 feed[:] = [x, jax.tree_util.tree_map(jax.numpy.asarray, x)]
-            values = self.values()
-            return compiled([values[k][i] for k, i in picks[0]],
-                            [values[k][i] for k, i in picks[1]], feed[1])
+            return compiled(*current(), feed[1])
         return call
 
     def learning_rate(self) -> float | None:

@@ -15,6 +15,9 @@ import keras
 import numpy as np
 
 from .channels import channel_axis, choose_channels
+from .gradcam import (build_gradient_model, check_gradcam, gradcam_axes, gradcam_taps,
+                      gradient_function)
+from .occlusion import Occlusion
 from .extractor import (LayerSelector, Tap, arrange_probes, build_extractor, build_gram_extractor,
                         cast_outputs, input_names, input_spec, probe_function, select_channels,
                         storage_dtypes)
@@ -49,7 +52,8 @@ class ProbePass:
                  dtype: str, max_channels: int | None, channel_selection: str,
                  analysis_probes: Any = None,
                  stored_channels: Callable[[list[Tap]], dict[int, Any] | None] | None = None,
-                 saliency: bool = False, labels: np.ndarray | None = None):
+                 saliency: bool = False, labels: np.ndarray | None = None,
+                 gradcam: bool = False, occlusion: dict[str, Any] | None = None):
         self.model = model
         arrays = arrange_probes(model, probes)
         specs = input_spec(model, arrays)
@@ -80,19 +84,44 @@ class ProbePass:
         self.dtypes = storage_dtypes(self.taps, extractor.outputs, dtype)
         self.recorder = cast_outputs(recorder, self.dtypes)
         self._predict = probe_function(model, self.recorder)
-        #: With ``saliency=True``: the compiled input-gradient function (:func:`saliency_function`).
+        #: With ``saliency=True`` or ``gradcam=True``: the gradient graph the fused
+        #: train step runs (:func:`saliency_function`, or with Grad-CAM
+        #: :func:`~layerwatch.record.gradcam.gradient_function`: saliency maps, then Grad-CAMs).
         self.saliency_graph: Callable[[Any], Any] | None = None
-        self._saliency: Callable[[], Any] | None = None
+        self._gradients: Callable[[], list] | None = None
+        self._with_saliency = bool(saliency)
+        #: With ``gradcam=True``: layer key -> spatial (h, w), in the order of the maps.
+        self.gradcam_shapes: dict[str, tuple[int, int]] = {}
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         if saliency:
             check_saliency(model, self.inputs)
-            self.saliency_graph, self._saliency = saliency_function(
-                model, self.inputs[0], self.labels)
+        if gradcam:
+            chosen = gradcam_taps(self.taps, extractor.outputs)
+            check_gradcam(model, self.taps, chosen, len(self.inputs))
+            cam_axes = gradcam_axes(self.taps, chosen)
+            for i, axis in zip(chosen, cam_axes):
+                spatial = [int(d) for k, d in enumerate(extractor.outputs[i].shape)
+                           if k not in (0, axis)]
+                self.gradcam_shapes[self.taps[i].key] = (spatial[0], spatial[1])
+            self.saliency_graph, self._gradients = gradient_function(
+                model, build_gradient_model(model, self.taps, chosen, specs[0],
+                                            extractor.outputs),
+                self.inputs[0], self.labels, cam_axes, saliency=saliency)
+        elif saliency:
+            self.saliency_graph, call = saliency_function(model, self.inputs[0], self.labels)
+            self._gradients = lambda: [call()]
+        #: With ``occlusion_every=``: the occlusion maps (:mod:`~layerwatch.record.occlusion`).
+        self.occlusion: Occlusion | None = None
+        if occlusion is not None:
+            if len(self.inputs) != 1:
+                raise ValueError(f"occlusion_every= needs a model with one input; model "
+                                 f"'{model.name}' has {len(self.inputs)}.")
+            self.occlusion = Occlusion(model, self.inputs[0], self.labels, **occlusion)
 
     @property
     def saliency_shape(self) -> tuple[int, ...] | None:
         """The per-probe shape of a saliency map (the input's), or None without saliency."""
-        return None if self._saliency is None else tuple(self.inputs[0].shape[1:])
+        return tuple(self.inputs[0].shape[1:]) if self._with_saliency else None
 
     @property
     def count(self) -> int:
@@ -116,11 +145,14 @@ class ProbePass:
         """The recorded tensors of the probes now, one array per tap."""
         return _numpy(self._predict(self.feed))
 
-    def saliency(self) -> np.ndarray | None:
-        """d output[label] / d input of every probe now, float32 (None without saliency)."""
-        if self._saliency is None:
-            return None
-        return np.asarray(keras.ops.convert_to_numpy(self._saliency()), dtype=np.float32)
+    def gradients(self) -> list[np.ndarray]:
+        """What the backward pass gives now, float32: the saliency maps
+        (d output[label] / d input, with ``saliency=True``), then one Grad-CAM map
+        per :attr:`gradcam_shapes` layer (``gradcam=True``); [] without either."""
+        if self._gradients is None:
+            return []
+        return [np.asarray(keras.ops.convert_to_numpy(g), dtype=np.float32)
+                for g in self._gradients()]
 
     def grams(self) -> list[np.ndarray] | None:
         """The analysis probes' Gram matrices now, one per tap (None without analysis probes)."""

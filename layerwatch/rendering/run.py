@@ -24,6 +24,8 @@ from layerwatch.rendering.names import file_stems, inside
 from layerwatch.rendering.options import check_options, check_range
 from layerwatch.rendering.panel import HOLD, MAX_HOLD, ROBUST_PERCENTILE, LayerPanel
 from layerwatch.rendering.saliency import NAME as SALIENCY, SaliencyPanel, saliency_layer
+from layerwatch.rendering.gradcam import GradCamPanel, gradcam_layers
+from layerwatch.rendering.occlusion import OcclusionPanel, occlusion_layer
 from layerwatch.rendering.selection import by_change, select_frames
 from layerwatch.store import RecordingError, open_run
 from layerwatch.text import format_bytes
@@ -42,7 +44,10 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
            value_range: float | tuple[float, float] | None = None,
            progress: Progress | None = None, notes: Notes | None = None) -> list[Path]:
     """Render a recording: ``<layer>.gif``, ``<layer>.png`` per layer and ``curves.png``,
-    and ``saliency.gif`` / ``saliency.png`` when the run recorded saliency maps.
+    and ``saliency.gif`` / ``saliency.png`` when the run recorded saliency maps,
+    ``gradcam_<layer>.gif`` / ``.png`` for each rendered layer with Grad-CAM maps, and
+    ``occlusion.gif`` / ``occlusion.png`` (one frame per occlusion step) when it
+    recorded occlusion maps.
 
     Parameters
     ----------
@@ -134,6 +139,11 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
             panels: list = [(layer, None) for layer in chosen]
             if saliency is not None:
                 panels.append((saliency, SaliencyPanel))
+            keys = {layer.key for layer in chosen}  # Grad-CAM of the layers rendered
+            panels += [(cam, GradCamPanel) for cam in gradcam_layers(run) if cam.key in keys]
+            occluded = occlusion_layer(run)
+            if occluded is not None:
+                panels.append((occluded, OcclusionPanel))
             # The saliency panel is drawn like a layer; its stem is "saliency"
             # unless a layer of that name took it.
             stems = file_stems([layer.layer_name or layer.key for layer, _ in panels])
@@ -144,6 +154,9 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                     say.info(f"{SALIENCY}: colour range ±{panel.vmax:.3g} "
                              f"({ROBUST_PERCENTILE}th percentile of |d output / d input|, "
                              "mean over input channels).")
+                elif kind is not None:  # Grad-CAM, occlusion: over the probes
+                    panel = kind(run, layer, n=n)
+                    say.info(panel.note())
                 else:
                     panel = LayerPanel(run, layer, max_channels=max_channels,
                                        value_range=override, n=n)
@@ -153,11 +166,15 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                              "to change).")
                 job = _LayerGif(panel, fps=fps)
                 gif_path = inside(stage, stem + ".gif")
-                if job.write(gif_path, indices, scale=scale, max_bytes=max_bytes,
+                frames = indices
+                if panel.n != n:  # occlusion: its own steps
+                    frames = select_frames(panel.n, every=every, max_frames=max_frames)
+                    counter.add_total(len(frames) - len(indices))
+                if job.write(gif_path, frames, scale=scale, max_bytes=max_bytes,
                              counter=counter, say=say):
                     written.append(gif_path)
                 still = inside(stage, stem + ".png")
-                write_still(still, panel.still(n - 1, scale), panel.layout(scale).palette)
+                write_still(still, panel.still(panel.n - 1, scale), panel.layout(scale).palette)
                 written.append(still)
             from layerwatch.rendering.curves import write_curves
 

@@ -13,12 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
+from . import explanations
 from .closing import Handles, abandon, finish
 from .files import h5_reason, open_for_writing
 from .reader import Run, open_run
 from .repair import repair_run, steps_after, truncate
-from .schema import (ANALYSIS, ANALYSIS_STEPS, METRIC_GROUPS, METRICS, STATUS, STATUS_RECORDING,
-                     STEPS, LayerSpec, RecordingError)
+from .schema import (ANALYSIS, ANALYSIS_STEPS, METRIC_GROUPS, METRICS, OCCLUSION,
+                     OCCLUSION_STEPS, STATUS, STATUS_RECORDING, STEPS, LayerSpec,
+                     RecordingError)
 
 
 class AppendError(RecordingError, ValueError):
@@ -31,11 +33,13 @@ class Resumed:
 
     last_step: int | None      #: the newest snapshot kept
     last_analysis: int | None  #: the newest analysis step kept
+    last_occlusion: int | None = None  #: the newest occlusion step kept
 
 
 def check_appendable(run: Run, layers: Sequence[LayerSpec], probes_x: np.ndarray,
                      probes_y: np.ndarray | None, analysis_probes: int = 0,
-                   saliency: bool = False) -> None:
+                   saliency: bool = False, gradcam: Sequence[str] | None = None,
+                   occlusion: dict | None = None) -> None:
     """Raise :class:`AppendError` unless this run records what ``run`` holds."""
     stored = {layer.key: layer.shape for layer in run.layers}
     wanted = {spec.key: tuple(spec.shape) for spec in layers}
@@ -66,18 +70,23 @@ def check_appendable(run: Run, layers: Sequence[LayerSpec], probes_x: np.ndarray
             f"{'with' if run.has_saliency else 'without'} saliency maps, this run "
             f"{'records them' if saliency else 'does not'}. Pass the same saliency=, "
             "or record a new file.")
+    why = explanations.check_appendable(run, gradcam=gradcam, occlusion=occlusion)
+    if why is not None:
+        raise AppendError(f"Cannot append to {run.path}: {why}, or record a new file.")
 
 
 def prepare_append(path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarray,
                    probes_y: np.ndarray | None, analysis_probes: int, from_step: int,
-                   saliency: bool = False) -> Resumed:
+                   saliency: bool = False, gradcam: Sequence[str] | None = None,
+                   occlusion: dict | None = None) -> Resumed:
     """Check, repair if needed, and cut ``path`` back to ``from_step``.
 
     Snapshots after ``from_step`` (left by a run that died after its last
     checkpoint) are dropped with a warning, so steps stay increasing.
     """
     with open_run(path) as run:
-        check_appendable(run, layers, probes_x, probes_y, analysis_probes, saliency)
+        check_appendable(run, layers, probes_x, probes_y, analysis_probes, saliency,
+                         gradcam=gradcam, occlusion=occlusion)
         needs_repair = not run.closed_cleanly
     if needs_repair:
         repair_run(path)
@@ -97,15 +106,21 @@ def prepare_append(path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarr
                                                from_step, side="right"))
                     for group, index in METRIC_GROUPS.items()}
             truncate(node, keep, metric_rows=rows, analysis_rows=analysis_rows)
+        occluded = node(OCCLUSION_STEPS)[:explanations.committed_occlusion_rows(f)] \
+            if OCCLUSION in f else np.zeros(0, dtype=np.int64)
+        occlusion_rows = int(np.searchsorted(occluded, from_step, side="right"))
+        explanations.cut(node, keep, occlusion_rows)
         node(STATUS)[0] = STATUS_RECORDING
         last_analysis = int(held[analysis_rows - 1]) if analysis_rows else None
+        last_occlusion = int(occluded[occlusion_rows - 1]) if occlusion_rows else None
     except BaseException:
         abandon(f)
         raise
     error = finish(f, node)
     if error is not None:
         raise RecordingError(f"Cannot write {path}: {h5_reason(error)}") from error
-    return Resumed(last_step=last_step, last_analysis=last_analysis)
+    return Resumed(last_step=last_step, last_analysis=last_analysis,
+                   last_occlusion=last_occlusion)
 
 
 def _describe_layers(layers: dict[str, tuple[int, ...]]) -> str:

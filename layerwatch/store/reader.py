@@ -23,6 +23,7 @@ from layerwatch.text import printable
 
 from .closing import abandoned_here
 from .compat import version_1_batch_metrics
+from .explanations import ExplanationReads, gradcam_rows, refresh as refresh_explanations
 from .files import h5_reason, open_for_reading
 from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_PROBES, ANALYSIS_STEPS,
                      ATTR_FLUSH_SECONDS, ATTR_FORMAT_VERSION, ATTR_INPUT_INDEX, ATTR_STORAGE_DTYPE,
@@ -52,7 +53,7 @@ class Metrics:
         return self.steps[keep], column[keep]
 
 
-class Run:
+class Run(ExplanationReads):
     """A recording opened for reading. Use :func:`open_run` or :func:`read_run`.
 
     Works on a file still being written (it reads the snapshots committed so
@@ -108,6 +109,9 @@ class Run:
             n = min(n, f[ACTIVATIONS][layer.key].shape[0])
         if SALIENCY in f:
             n = min(n, f[SALIENCY].shape[0])
+        cams = gradcam_rows(f)  # Grad-CAM rows bound it like saliency's
+        if cams is not None:
+            n = min(n, cams)
         steps = np.asarray(f[STEPS][:n], dtype=np.int64)
         bad = np.flatnonzero((steps < 0) | (np.diff(steps, prepend=-1) <= 0))
         if len(bad):
@@ -497,6 +501,7 @@ class Run:
                 self._f[ACTIVATIONS][layer.key].refresh()
             if SALIENCY in self._f:
                 self._f[SALIENCY].refresh()
+            refresh_explanations(self._f)
             for group in METRIC_GROUPS:
                 for ds in self._f[METRICS][group].values():
                     ds.refresh()

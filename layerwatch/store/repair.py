@@ -12,6 +12,7 @@ import os
 import h5py
 import numpy as np
 
+from . import explanations
 from .closing import Handles, abandoned_here, finish
 from .files import h5_reason, temporary_beside
 from .reader import open_run
@@ -21,9 +22,10 @@ from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_STEPS, METR
 
 
 def truncate(node: Handles, snapshots: int, *, metric_rows: dict[str, int],
-             analysis_rows: int) -> None:
+             analysis_rows: int, occlusion_rows: int | None = None) -> None:
     """Cut every per-snapshot dataset to ``snapshots`` rows, each metric table
-    to ``metric_rows[group]`` rows and the analysis Grams to ``analysis_rows``.
+    to ``metric_rows[group]`` rows, the analysis Grams to ``analysis_rows`` and
+    the occlusion maps to ``occlusion_rows`` (None: as they are).
     ``node`` opens the file's datasets (and keeps them open until it is flushed)."""
     f = node.file
 
@@ -37,6 +39,7 @@ def truncate(node: Handles, snapshots: int, *, metric_rows: dict[str, int],
         cut(f"{ACTIVATIONS}/{key}", snapshots)
     if SALIENCY in f:
         cut(SALIENCY, snapshots)
+    explanations.cut(node, snapshots, occlusion_rows)
     if ANALYSIS in f:
         node(ANALYSIS_STEPS).resize(analysis_rows, axis=0)
         for key in f[ANALYSIS_GRAMS]:
@@ -86,13 +89,15 @@ def repair_run(path: str | os.PathLike) -> bool:
         rows = run.committed_metric_rows()
         last = int(run.steps[-1]) if n else -1
         analysis_rows = int(np.searchsorted(run.analysis_steps, last, side="right"))
+        occlusion_rows = int(np.searchsorted(run.occlusion_steps, last, side="right"))
         tmp = temporary_beside(path, like=path)
         dst = None
         try:
             dst = h5py.File(tmp, "w", libver="latest")
             node = Handles(dst)
             run.copy_into(dst)
-            truncate(node, n, metric_rows=rows, analysis_rows=analysis_rows)
+            truncate(node, n, metric_rows=rows, analysis_rows=analysis_rows,
+                     occlusion_rows=occlusion_rows)
             if int(node(STATUS)[0]) == STATUS_RECORDING:
                 node(STATUS)[0] = STATUS_STOPPED
             done, dst = dst, None

@@ -42,6 +42,18 @@ ATTR_INPUT_INDEX = "index"   #: on each probes/inputs/<name>: its position among
 ACTIVATIONS = "activations"  #: group: one (T, probes, *layer shape) dataset per layer
 #: optional (T, probes, *input shape) float32: d output[label] / d input of each probe
 SALIENCY = "saliency"
+#: optional group: one (T, probes, h, w) float32 Grad-CAM dataset per layer with 2-D
+#: spatial output (``LayerWatch(..., gradcam=True)``), rows indexed by ``steps``
+GRADCAM = "gradcam"
+#: optional group: occlusion sensitivity at a coarse schedule (``occlusion_every=``)
+OCCLUSION = "occlusion"
+OCCLUSION_STEPS = "occlusion/steps"    #: (O,) int64, its own commit index
+OCCLUSION_VALUES = "occlusion/values"  #: (O, probes, gh, gw) float32 output drops
+#: attributes of the occlusion group
+ATTR_OCCLUSION_EVERY = "every"
+ATTR_OCCLUSION_PATCH = "patch"         #: patch side, input pixels
+ATTR_OCCLUSION_STRIDE = "stride"       #: step between patch positions, input pixels
+ATTR_OCCLUSION_FILL = "fill"           #: the grey a patch is set to (the probes' mean)
 META = "meta"                #: group: scalar text datasets (model_config, summary)
 METRICS = "metrics"          #: groups batch/ and epoch/
 #: The metric tables and their index columns; the last column is the commit index.

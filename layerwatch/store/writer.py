@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 from h5py._objects import phil as _HDF5_LOCK  # h5py's lock around the HDF5 library
 
-from . import codec
+from . import codec, explanations
 from .append import Resumed, prepare_append
 from .closing import Handles, abandon, finish
 from .files import open_for_writing, temporary_beside
@@ -29,6 +29,7 @@ from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_PROBES, ANA
                      ATTR_FORMAT_VERSION, ATTR_INPUT_INDEX, ATTR_STORAGE_DTYPE, ATTR_WRITER_HOST,
                      ATTR_WRITER_PID, EPOCHS, FORMAT_NAME, FORMAT_VERSION, HEARTBEAT, INDEX_FILL,
                      META, METRICS, METRIC_GROUPS, METRIC_NAMES, METRIC_VALUES, NAME_DTYPE,
+                     OCCLUSION_STEPS, OCCLUSION_VALUES, GRADCAM,
                      PROBES_X, PROBES_Y, PROBE_INPUTS, SALIENCY, STATUS, STATUS_COMPLETE, STATUS_RECORDING,
                      STATUS_STOPPED, STEPS, STORAGE_DTYPES, WALL_TIME, LayerSpec, RecordingError,
                      fixed)
@@ -73,7 +74,12 @@ class RunWriter:
         self._dtypes = {key: self._node(f"{ACTIVATIONS}/{key}").dtype for key in self._keys}
         #: Whether the file records saliency maps (its rows are written with the activations).
         self.saliency = SALIENCY in f
-        #: (step, epoch, wall time, arrays, grams, saliency) per queued snapshot
+        #: Layer keys with Grad-CAM rows (written with the activations), in the order
+        #: :meth:`add_snapshot` takes them; whether the file records occlusion maps.
+        self.gradcam = explanations.gradcam_keys(f)
+        self.occlusion = explanations.occlusion_settings(f) is not None
+        self._pending_occlusion: list[tuple[int, np.ndarray]] = []
+        #: (step, epoch, wall time, arrays, grams, saliency, gradcam) per queued snapshot
         self._pending: list[tuple] = []
         self._pending_batch: list[tuple[int, dict[str, float]]] = []
         self._pending_epoch: list[tuple[int, int, dict[str, float]]] = []
@@ -110,7 +116,9 @@ class RunWriter:
                analysis_probes_x: np.ndarray | None = None,
                analysis_every: int = 0,
                probe_inputs: dict[str, np.ndarray] | None = None,
-               saliency_shape: Sequence[int] | None = None) -> "RunWriter":
+               saliency_shape: Sequence[int] | None = None,
+               gradcam_shapes: dict[str, tuple[int, int]] | None = None,
+               occlusion: dict[str, Any] | None = None) -> "RunWriter":
         """Create a new recording at ``path`` (replacing any file there).
 
         ``storage_dtype`` is the root attribute of that name: ``"float16"``
@@ -123,7 +131,11 @@ class RunWriter:
         → its probes, in input order) are stored under ``probes/inputs``;
         ``probes_x`` is the first of them. With ``saliency_shape`` (the
         per-probe input shape) the file also gets the float32 dataset
-        ``saliency``, one row per snapshot (see :meth:`add_snapshot`).
+        ``saliency``, one row per snapshot (see :meth:`add_snapshot`). With
+        ``gradcam_shapes`` (layer key → its spatial ``(h, w)``) it gets the float32
+        datasets ``gradcam/<key>``, one row per snapshot too; with ``occlusion``
+        (``every``, ``patch``, ``stride``, ``fill``, ``grid``) the ``occlusion`` group,
+        grown by :meth:`add_occlusion`.
         """
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}. "
@@ -181,6 +193,12 @@ class RunWriter:
                     compression=compression,
                     compression_opts=compression_opts if compression == "gzip" else None,
                     shuffle=shuffle if compression else False))
+            if gradcam_shapes:
+                explanations.create_gradcam(
+                    f, h, n_probes, gradcam_shapes, compression=compression,
+                    compression_opts=compression_opts, shuffle=shuffle)
+            if occlusion is not None:
+                explanations.create_occlusion(f, h, n_probes, **occlusion)
             metrics = h(f.create_group(METRICS))
             for group, index_names in METRIC_GROUPS.items():
                 g = h(metrics.create_group(group))
@@ -213,20 +231,22 @@ class RunWriter:
     def append(cls, path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarray,
                probes_y: np.ndarray | None, from_step: int, analysis_probes: int = 0,
                flush_seconds: float = 2.0, flush_snapshots: int = 32,
-               saliency: bool = False) -> "RunWriter":
+               saliency: bool = False, gradcam: Sequence[str] | None = None,
+               occlusion: dict[str, Any] | None = None) -> "RunWriter":
         """Reopen an existing recording to continue it (resumed training).
 
         Raises :class:`layerwatch.store.append.AppendError` when the file's
         layers, probes or number of analysis probes differ from this run's, or
         it holds saliency maps and this run records none (``saliency``), or
-        the other way round.
+        the other way round — and likewise for Grad-CAM (``gradcam``: its layer
+        keys) and occlusion (``occlusion``: its ``patch`` and ``stride``).
         Snapshots after ``from_step`` (left by a run that died after its last
         checkpoint) are dropped with a warning, so steps stay increasing; the
         writer's :attr:`resumed` says where the file stands.
         """
         resumed = prepare_append(path, layers=layers, probes_x=probes_x, probes_y=probes_y,
                                  analysis_probes=analysis_probes, from_step=from_step,
-                                 saliency=saliency)
+                                 saliency=saliency, gradcam=gradcam, occlusion=occlusion)
         writer = cls._open_for_writing(path, [s.key for s in layers],
                                        flush_seconds=flush_seconds,
                                        flush_snapshots=flush_snapshots)
@@ -251,17 +271,20 @@ class RunWriter:
 
     def add_snapshot(self, step: int, epoch: int, arrays: Sequence[np.ndarray] | None,
                      grams: Sequence[np.ndarray] | None = None, *,
-                     saliency: np.ndarray | None = None) -> None:
+                     saliency: np.ndarray | None = None,
+                     gradcam: dict[str, np.ndarray] | None = None) -> None:
         """Queue one snapshot: one array of shape (probes, *layer shape) per layer,
         and optionally one (n, n) analysis-probe Gram matrix per layer.
         ``arrays=None`` queues the Grams alone, for a step already recorded.
         A file with saliency needs ``saliency`` (probes, *input shape) with
-        every ``arrays``; a file without refuses it."""
+        every ``arrays``; a file without refuses it. Likewise ``gradcam``, layer
+        key → (probes, h, w) for each of :attr:`gradcam`."""
         with self._lock:
             self._pending.append((int(step), int(epoch), time.time(),
                                   None if arrays is None else list(arrays),
                                   None if grams is None else list(grams),
-                                  None if saliency is None else np.asarray(saliency)))
+                                  None if saliency is None else np.asarray(saliency),
+                                  None if gradcam is None else dict(gradcam)))
             if arrays is not None:
                 self._rows += 1
             # Blocks end at multiples of flush_snapshots rows where they can, so
@@ -272,6 +295,15 @@ class RunWriter:
             self.flush()
         else:
             self._raise_if_failed()
+
+    def add_occlusion(self, step: int, values: np.ndarray) -> None:
+        """Queue the occlusion maps ``(probes, gh, gw)`` of ``step``: written with the
+        next block, committed by ``occlusion/steps``."""
+        if not self.occlusion:
+            raise ValueError("occlusion maps for a recording made without them")
+        with self._lock:
+            self._pending_occlusion.append((int(step), np.asarray(values, dtype=np.float32)))
+        self._raise_if_failed()
 
     def add_batch_logs(self, step: int, logs: dict[str, float]) -> None:
         """Queue the training logs reported at ``step``."""
@@ -301,10 +333,13 @@ class RunWriter:
 
     def _take(self):
         with self._lock:
-            if not (self._pending or self._pending_batch or self._pending_epoch):
+            if not (self._pending or self._pending_batch or self._pending_epoch
+                    or self._pending_occlusion):
                 return None
-            job = (self._pending, self._pending_batch, self._pending_epoch)
+            job = (self._pending, self._pending_batch, self._pending_epoch,
+                   self._pending_occlusion)
             self._pending, self._pending_batch, self._pending_epoch = [], [], []
+            self._pending_occlusion = []
             return job
 
     def close(self, *, status: int = STATUS_COMPLETE) -> None:
@@ -390,15 +425,16 @@ class RunWriter:
             abandon(self._f)
         self._error = exc
 
-    def _write(self, snapshots, batch_logs, epoch_logs) -> None:
+    def _write(self, snapshots, batch_logs, epoch_logs, occlusion=()) -> None:
         # Refusals come before anything is written: they leave HDF5 able to
         # write and close the file as usual.
         self._check_file()
         with_grams = [s for s in snapshots if s[4] is not None]
         snapshots = [s for s in snapshots if s[3] is not None]
         self._check_shapes(snapshots, with_grams)
+        self._check_explanations(snapshots, occlusion)
         try:
-            self._write_checked(snapshots, with_grams, batch_logs, epoch_logs)
+            self._write_checked(snapshots, with_grams, batch_logs, epoch_logs, occlusion)
         except BaseException:
             # HDF5 may hold data for the file that it could not write: it
             # fails again on any close (see layerwatch.store.closing).
@@ -426,7 +462,27 @@ class RunWriter:
                 raise ValueError(f"{SALIENCY}: a snapshot of shape {np.shape(s[5])} does not "
                                  f"fit the recording's {self._node(SALIENCY).shape[1:]}")
 
-    def _write_checked(self, snapshots, with_grams, batch_logs, epoch_logs) -> None:
+    def _check_explanations(self, snapshots, occlusion) -> None:
+        """Refuse Grad-CAM rows and occlusion maps that do not fit the file."""
+        for s in snapshots:
+            cams = s[6] or {}
+            if sorted(cams) != self.gradcam:
+                raise ValueError(f"{GRADCAM}: a snapshot with maps of {sorted(cams)} for a "
+                                 f"recording of {self.gradcam}")
+            for key, cam in cams.items():
+                want = self._node(f"{GRADCAM}/{key}").shape[1:]
+                if np.shape(cam) != want:
+                    raise ValueError(f"{GRADCAM}/{key}: a snapshot of shape {np.shape(cam)} "
+                                     f"does not fit the recording's {want}")
+        if occlusion:
+            want = self._node(OCCLUSION_VALUES).shape[1:]
+            for _, values in occlusion:
+                if np.shape(values) != want:
+                    raise ValueError(f"{OCCLUSION_VALUES}: maps of shape {np.shape(values)} "
+                                     f"do not fit the recording's {want}")
+
+    def _write_checked(self, snapshots, with_grams, batch_logs, epoch_logs,
+                       occlusion=()) -> None:
         f, node = self._f, self._node
         commits: list[tuple[h5py.Dataset, list[int]]] = []
         if snapshots:
@@ -443,6 +499,11 @@ class RunWriter:
                 ds.resize(t0 + n, axis=0)
                 self._write_rows("/" + SALIENCY, ds, t0,
                                  np.stack([s[5] for s in snapshots]).astype(np.float32))
+            for key in self.gradcam:
+                ds = node(f"{GRADCAM}/{key}")
+                ds.resize(t0 + n, axis=0)
+                self._write_rows(f"/{GRADCAM}/{key}", ds, t0,
+                                 np.stack([s[6][key] for s in snapshots]).astype(np.float32))
             for name, column in ((EPOCHS, 1), (WALL_TIME, 2)):
                 ds = node(name)
                 ds.resize(t0 + n, axis=0)
@@ -455,6 +516,12 @@ class RunWriter:
                 ds.resize(g0 + len(with_grams), axis=0)
                 ds[g0:] = np.stack([s[4][i] for s in with_grams]).astype(np.float32)
             commits.append((node(ANALYSIS_STEPS), [s[0] for s in with_grams]))
+        if occlusion:
+            ds = node(OCCLUSION_VALUES)
+            o0 = ds.shape[0]
+            ds.resize(o0 + len(occlusion), axis=0)
+            ds[o0:] = np.stack([values for _, values in occlusion])
+            commits.append((node(OCCLUSION_STEPS), [step for step, _ in occlusion]))
         if batch_logs:
             commits.append(_append_logs(node, "batch", [(s,) for s, _ in batch_logs],
                                         [logs for _, logs in batch_logs]))
