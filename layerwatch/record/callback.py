@@ -28,6 +28,7 @@ from layerwatch.store import STATUS_COMPLETE, STATUS_STOPPED, RunWriter, open_ru
 from .budget import DISK_BUDGET, CostMeter, Verdict, over_budget, over_disk, snapshot_bytes
 from .chief import env_is_chief, is_chief
 from .extractor import LayerSelector, Tap
+from .features import FeatureAscent, check_features, features_due
 from .fused import DeferredSnapshot, FusedProbePass, can_fuse
 from .options import check_analysis_probes, check_every, check_path, check_recording_options
 from .probe_pass import ProbePass
@@ -125,6 +126,19 @@ class LayerWatch(keras.callbacks.Callback):
         ``saliency``, ``(snapshots, probes, *input shape)``. One-input,
         one-output models with a floating-point input only (else a ValueError
         at ``fit``'s start).
+    features_every : int, optional
+        Also record, at the first recorded step, every ``features_every``
+        steps and at the final step of each fit, for the first
+        ``features_channels`` recorded channels of every layer, the input that
+        most excites each channel's mean activation (gradient ascent from a
+        fixed seed, regularized: see ``layerwatch.record.features`` and
+        ``docs/FORMAT.md``, "Features"), with the mean activation it reaches
+        and the best probe's. An image that does not beat every probe is
+        replaced by the best probe. Default None: off. One-input Sequential or
+        Functional models with a floating-point input only (else a ValueError
+        at ``fit``'s start).
+    features_channels : int, default 8
+        Feature images per layer (the first recorded channels).
 
     Notes
     -----
@@ -158,7 +172,8 @@ class LayerWatch(keras.callbacks.Callback):
                  max_channels: int | None = None, channel_selection: str = "first",
                  budget: float | None = 0.2, analysis_probes: Any = None,
                  analysis_every: int = 10, disk_budget: float | None = DISK_BUDGET,
-                 saliency: bool = False):
+                 saliency: bool = False, features_every: int | None = None,
+                 features_channels: int = 8):
         super().__init__()
         # A worker that will not write must not refuse the chief's file.
         self.path = check_path(path, mode if env_is_chief() else "overwrite")
@@ -183,6 +198,10 @@ class LayerWatch(keras.callbacks.Callback):
         self.budget = None if budget is None else float(budget)
         self.disk_budget = None if disk_budget is None else float(disk_budget)
         self.saliency = bool(saliency)
+        self.features_every, self.features_channels = check_features(features_every,
+                                                                     features_channels)
+        self._features: FeatureAscent | None = None  # built with the probe pass
+        self._last_features: int | None = None
         self._probes: ProbePass | None = None      # built once per model
         self._fusion: FusedProbePass | None = None  # built once, reused by later fits
         self._deferred: DeferredSnapshot | None = None  # this fit's fused snapshots
@@ -229,6 +248,7 @@ class LayerWatch(keras.callbacks.Callback):
             self._disk_checked = True
         if self._last_step != step:
             self._record(step, first, self._analysis_grams(step))
+        self._make_features(step)
         # Measured once per callback: a resumed or repeated fit() warns no more.
         self._meter = CostMeter() if self.budget is not None and not self._budget_checked \
             else None
@@ -276,6 +296,7 @@ class LayerWatch(keras.callbacks.Callback):
                 if self._meter.done:
                     self._check_budget(self._meter)
                     self._meter, self._budget_checked = None, True
+            self._make_features(step)  # its own cost, outside the recording budget
         except Exception as exc:
             self._stop_recording(exc)
 
@@ -303,6 +324,7 @@ class LayerWatch(keras.callbacks.Callback):
                 elif self._probes.analysis_count and self._last_analysis != step:
                     # Grams for the final step
                     self._record(step, None, self._analysis_grams(step, final=True))
+                self._make_features(step, final=True)
             except Exception as exc:
                 self._stop_recording(exc)
         self._close(status=STATUS_STOPPED if self._failed else STATUS_COMPLETE)
@@ -322,6 +344,8 @@ class LayerWatch(keras.callbacks.Callback):
             max_channels=self.max_channels, channel_selection=self.channel_selection,
             analysis_probes=self.analysis_probes, stored_channels=self._stored_channels,
             saliency=self.saliency, labels=self.probe_labels)
+        self._features = None if self.features_every is None else FeatureAscent(
+            model, self._probes, channels=self.features_channels, every=self.features_every)
 
     def _stored_channels(self, taps: list[Tap]) -> dict[int, Any] | None:
         """Channels kept by the recording being resumed (variance is not re-chosen)."""
@@ -343,8 +367,10 @@ class LayerWatch(keras.callbacks.Callback):
             self._writer = RunWriter.append(
                 self.path, layers=specs, probes_x=probes.inputs[0], probes_y=self.probe_labels,
                 from_step=step, analysis_probes=probes.analysis_count,
-                saliency=probes.saliency_shape is not None, **options)
+                saliency=probes.saliency_shape is not None,
+                features=self._features and self._features.spec, **options)
             self._last_step = self._writer.resumed.last_step
+            self._last_features = self._writer.resumed.last_features
             self._last_analysis = self._writer.resumed.last_analysis
         else:
             self._writer = RunWriter.create(
@@ -356,8 +382,8 @@ class LayerWatch(keras.callbacks.Callback):
                 compression=self.compression,
                 analysis_probes_x=_first(probes.analysis_feed),
                 analysis_every=self.analysis_every, saliency_shape=probes.saliency_shape,
-                **options)
-            self._last_step = self._last_analysis = None
+                features=self._features and self._features.spec, **options)
+            self._last_step = self._last_analysis = self._last_features = None
         self._owns_file = True
         self._failed = False
 
@@ -383,6 +409,15 @@ class LayerWatch(keras.callbacks.Callback):
         arrays = self._probes.snapshot()
         saliency = self._probes.saliency()
         return arrays if saliency is None else arrays + [saliency]
+
+    def _make_features(self, step: int, *, final: bool = False) -> None:
+        """Queue the feature images of ``step`` when they are due (``features_every=``)."""
+        if self._features is None or not features_due(
+                step, self._last_features, self.features_every, final=final):
+            return
+        self.model  # noqa: B018  (on JAX: the training state into the variables)
+        self._writer.add_features(step, self._features())
+        self._last_features = step
 
     def _split(self, arrays: list[np.ndarray] | None
                ) -> tuple[list[np.ndarray] | None, np.ndarray | None]:

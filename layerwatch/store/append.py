@@ -14,10 +14,11 @@ from typing import Sequence
 import numpy as np
 
 from .closing import Handles, abandon, finish
+from .features import FeaturesSpec, check_features_appendable, cut_features, rows_through
 from .files import h5_reason, open_for_writing
 from .reader import Run, open_run
 from .repair import repair_run, steps_after, truncate
-from .schema import (ANALYSIS, ANALYSIS_STEPS, METRIC_GROUPS, METRICS, STATUS, STATUS_RECORDING,
+from .schema import (ANALYSIS, ANALYSIS_STEPS, FEATURES_STEPS, METRIC_GROUPS, METRICS, STATUS, STATUS_RECORDING,
                      STEPS, LayerSpec, RecordingError)
 
 
@@ -31,11 +32,12 @@ class Resumed:
 
     last_step: int | None      #: the newest snapshot kept
     last_analysis: int | None  #: the newest analysis step kept
+    last_features: int | None = None  #: the newest feature-images step kept
 
 
 def check_appendable(run: Run, layers: Sequence[LayerSpec], probes_x: np.ndarray,
                      probes_y: np.ndarray | None, analysis_probes: int = 0,
-                   saliency: bool = False) -> None:
+                   saliency: bool = False, features: FeaturesSpec | None = None) -> None:
     """Raise :class:`AppendError` unless this run records what ``run`` holds."""
     stored = {layer.key: layer.shape for layer in run.layers}
     wanted = {spec.key: tuple(spec.shape) for spec in layers}
@@ -66,18 +68,21 @@ def check_appendable(run: Run, layers: Sequence[LayerSpec], probes_x: np.ndarray
             f"{'with' if run.has_saliency else 'without'} saliency maps, this run "
             f"{'records them' if saliency else 'does not'}. Pass the same saliency=, "
             "or record a new file.")
+    reason = check_features_appendable(run, features)
+    if reason is not None:
+        raise AppendError(f"Cannot append to {run.path}: {reason}")
 
 
 def prepare_append(path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarray,
                    probes_y: np.ndarray | None, analysis_probes: int, from_step: int,
-                   saliency: bool = False) -> Resumed:
+                   saliency: bool = False, features: FeaturesSpec | None = None) -> Resumed:
     """Check, repair if needed, and cut ``path`` back to ``from_step``.
 
     Snapshots after ``from_step`` (left by a run that died after its last
     checkpoint) are dropped with a warning, so steps stay increasing.
     """
     with open_run(path) as run:
-        check_appendable(run, layers, probes_x, probes_y, analysis_probes, saliency)
+        check_appendable(run, layers, probes_x, probes_y, analysis_probes, saliency, features)
         needs_repair = not run.closed_cleanly
     if needs_repair:
         repair_run(path)
@@ -97,6 +102,10 @@ def prepare_append(path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarr
                                                from_step, side="right"))
                     for group, index in METRIC_GROUPS.items()}
             truncate(node, keep, metric_rows=rows, analysis_rows=analysis_rows)
+        feature_rows = rows_through(f, from_step)
+        if features is not None:
+            cut_features(node, feature_rows)
+        last_features = int(node(FEATURES_STEPS)[feature_rows - 1]) if feature_rows else None
         node(STATUS)[0] = STATUS_RECORDING
         last_analysis = int(held[analysis_rows - 1]) if analysis_rows else None
     except BaseException:
@@ -105,7 +114,8 @@ def prepare_append(path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarr
     error = finish(f, node)
     if error is not None:
         raise RecordingError(f"Cannot write {path}: {h5_reason(error)}") from error
-    return Resumed(last_step=last_step, last_analysis=last_analysis)
+    return Resumed(last_step=last_step, last_analysis=last_analysis,
+                   last_features=last_features)
 
 
 def _describe_layers(layers: dict[str, tuple[int, ...]]) -> str:

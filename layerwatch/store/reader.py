@@ -23,6 +23,7 @@ from layerwatch.text import printable
 
 from .closing import abandoned_here
 from .compat import version_1_batch_metrics
+from .features import FeaturesReading
 from .files import h5_reason, open_for_reading
 from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_PROBES, ANALYSIS_STEPS,
                      ATTR_FLUSH_SECONDS, ATTR_FORMAT_VERSION, ATTR_INPUT_INDEX, ATTR_STORAGE_DTYPE,
@@ -52,7 +53,7 @@ class Metrics:
         return self.steps[keep], column[keep]
 
 
-class Run:
+class Run(FeaturesReading):
     """A recording opened for reading. Use :func:`open_run` or :func:`read_run`.
 
     Works on a file still being written (it reads the snapshots committed so
@@ -497,6 +498,7 @@ class Run:
                 self._f[ACTIVATIONS][layer.key].refresh()
             if SALIENCY in self._f:
                 self._f[SALIENCY].refresh()
+            self._refresh_features()
             for group in METRIC_GROUPS:
                 for ds in self._f[METRICS][group].values():
                     ds.refresh()

@@ -23,6 +23,8 @@ from h5py._objects import phil as _HDF5_LOCK  # h5py's lock around the HDF5 libr
 from . import codec
 from .append import Resumed, prepare_append
 from .closing import Handles, abandon, finish
+from .features import (FeatureRow, FeaturesSpec, check_feature_rows, create_features,
+                       feature_keys, write_feature_rows)
 from .files import open_for_writing, temporary_beside
 from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_PROBES, ANALYSIS_STEPS,
                      ATTR_ANALYSIS_EVERY, ATTR_FLUSH_SECONDS, ATTR_FLUSH_SNAPSHOTS, ATTR_FORMAT,
@@ -73,6 +75,9 @@ class RunWriter:
         self._dtypes = {key: self._node(f"{ACTIVATIONS}/{key}").dtype for key in self._keys}
         #: Whether the file records saliency maps (its rows are written with the activations).
         self.saliency = SALIENCY in f
+        #: The layer keys with feature images, or None (no features group).
+        self._feature_keys = feature_keys(f)
+        self._pending_features: list[tuple[int, dict[str, FeatureRow]]] = []
         #: (step, epoch, wall time, arrays, grams, saliency) per queued snapshot
         self._pending: list[tuple] = []
         self._pending_batch: list[tuple[int, dict[str, float]]] = []
@@ -110,7 +115,8 @@ class RunWriter:
                analysis_probes_x: np.ndarray | None = None,
                analysis_every: int = 0,
                probe_inputs: dict[str, np.ndarray] | None = None,
-               saliency_shape: Sequence[int] | None = None) -> "RunWriter":
+               saliency_shape: Sequence[int] | None = None,
+               features: FeaturesSpec | None = None) -> "RunWriter":
         """Create a new recording at ``path`` (replacing any file there).
 
         ``storage_dtype`` is the root attribute of that name: ``"float16"``
@@ -123,7 +129,8 @@ class RunWriter:
         → its probes, in input order) are stored under ``probes/inputs``;
         ``probes_x`` is the first of them. With ``saliency_shape`` (the
         per-probe input shape) the file also gets the float32 dataset
-        ``saliency``, one row per snapshot (see :meth:`add_snapshot`).
+        ``saliency``, one row per snapshot (see :meth:`add_snapshot`). With
+        ``features`` the file gets the ``features`` group (see :meth:`add_features`).
         """
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}. "
@@ -193,6 +200,9 @@ class RunWriter:
                                    dtype=np.float64, chunks=(256, 16), fillvalue=np.nan))
             if analysis_probes_x is not None:
                 _create_analysis(f, h, layers, analysis_probes_x, analysis_every)
+            if features is not None:
+                create_features(f, h, features, compression=compression,
+                                compression_opts=compression_opts)
             h(f.create_dataset(STATUS, data=np.array([STATUS_RECORDING], dtype=np.int8)))
             h(f.create_dataset(HEARTBEAT, data=np.array([time.time()], dtype=np.float64)))
             done, f = f, None
@@ -213,20 +223,20 @@ class RunWriter:
     def append(cls, path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarray,
                probes_y: np.ndarray | None, from_step: int, analysis_probes: int = 0,
                flush_seconds: float = 2.0, flush_snapshots: int = 32,
-               saliency: bool = False) -> "RunWriter":
+               saliency: bool = False, features: FeaturesSpec | None = None) -> "RunWriter":
         """Reopen an existing recording to continue it (resumed training).
 
         Raises :class:`layerwatch.store.append.AppendError` when the file's
         layers, probes or number of analysis probes differ from this run's, or
         it holds saliency maps and this run records none (``saliency``), or
-        the other way round.
+        the other way round, or its feature images differ from ``features``.
         Snapshots after ``from_step`` (left by a run that died after its last
         checkpoint) are dropped with a warning, so steps stay increasing; the
         writer's :attr:`resumed` says where the file stands.
         """
         resumed = prepare_append(path, layers=layers, probes_x=probes_x, probes_y=probes_y,
                                  analysis_probes=analysis_probes, from_step=from_step,
-                                 saliency=saliency)
+                                 saliency=saliency, features=features)
         writer = cls._open_for_writing(path, [s.key for s in layers],
                                        flush_seconds=flush_seconds,
                                        flush_snapshots=flush_snapshots)
@@ -273,6 +283,13 @@ class RunWriter:
         else:
             self._raise_if_failed()
 
+    def add_features(self, step: int, rows: dict[str, FeatureRow]) -> None:
+        """Queue the feature images of every layer at ``step``; they are written
+        with the next block of snapshots (or within ``flush_seconds``)."""
+        with self._lock:
+            self._pending_features.append((int(step), dict(rows)))
+        self._raise_if_failed()
+
     def add_batch_logs(self, step: int, logs: dict[str, float]) -> None:
         """Queue the training logs reported at ``step``."""
         with self._lock:
@@ -301,10 +318,13 @@ class RunWriter:
 
     def _take(self):
         with self._lock:
-            if not (self._pending or self._pending_batch or self._pending_epoch):
+            if not (self._pending or self._pending_batch or self._pending_epoch
+                    or self._pending_features):
                 return None
-            job = (self._pending, self._pending_batch, self._pending_epoch)
+            job = (self._pending, self._pending_batch, self._pending_epoch,
+                   self._pending_features)
             self._pending, self._pending_batch, self._pending_epoch = [], [], []
+            self._pending_features = []
             return job
 
     def close(self, *, status: int = STATUS_COMPLETE) -> None:
@@ -369,7 +389,7 @@ class RunWriter:
                 # whole, so taking here cannot reorder snapshots.
                 try:
                     if self._error is None:
-                        self._write(*(self._take() or ([], [], [])))
+                        self._write(*(self._take() or ([], [], [], [])))
                 except BaseException as exc:
                     self._fail(exc)
                 continue
@@ -390,15 +410,16 @@ class RunWriter:
             abandon(self._f)
         self._error = exc
 
-    def _write(self, snapshots, batch_logs, epoch_logs) -> None:
+    def _write(self, snapshots, batch_logs, epoch_logs, features=()) -> None:
         # Refusals come before anything is written: they leave HDF5 able to
         # write and close the file as usual.
         self._check_file()
         with_grams = [s for s in snapshots if s[4] is not None]
         snapshots = [s for s in snapshots if s[3] is not None]
         self._check_shapes(snapshots, with_grams)
+        check_feature_rows(self._node, self._feature_keys, features)
         try:
-            self._write_checked(snapshots, with_grams, batch_logs, epoch_logs)
+            self._write_checked(snapshots, with_grams, batch_logs, epoch_logs, features)
         except BaseException:
             # HDF5 may hold data for the file that it could not write: it
             # fails again on any close (see layerwatch.store.closing).
@@ -426,7 +447,7 @@ class RunWriter:
                 raise ValueError(f"{SALIENCY}: a snapshot of shape {np.shape(s[5])} does not "
                                  f"fit the recording's {self._node(SALIENCY).shape[1:]}")
 
-    def _write_checked(self, snapshots, with_grams, batch_logs, epoch_logs) -> None:
+    def _write_checked(self, snapshots, with_grams, batch_logs, epoch_logs, features=()) -> None:
         f, node = self._f, self._node
         commits: list[tuple[h5py.Dataset, list[int]]] = []
         if snapshots:
@@ -455,6 +476,8 @@ class RunWriter:
                 ds.resize(g0 + len(with_grams), axis=0)
                 ds[g0:] = np.stack([s[4][i] for s in with_grams]).astype(np.float32)
             commits.append((node(ANALYSIS_STEPS), [s[0] for s in with_grams]))
+        if features:
+            commits.append(write_feature_rows(node, self._feature_keys, features))
         if batch_logs:
             commits.append(_append_logs(node, "batch", [(s,) for s, _ in batch_logs],
                                         [logs for _, logs in batch_logs]))
