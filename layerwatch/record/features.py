@@ -55,9 +55,9 @@ from layerwatch.store.schema import (ATTR_FEATURES_EVERY, ATTR_FEATURES_ITERATIO
 from .extractor import is_graph_model
 
 #: Gradient-ascent iterations per features call.
-ITERATIONS = 64
+ITERATIONS = 32
 #: Each step's length, as a share of the probes' value span (max - min), per pixel RMS.
-STEP_SIZE = 0.05
+STEP_SIZE = 0.1
 #: Share of the distance to the start's centre removed each step (L2 decay).
 DECAY = 0.01
 #: A binomial blur every this many steps.
