@@ -216,3 +216,32 @@ def test_render_writes_a_features_gif_per_layer_with_a_frame_per_row(tmp_path):
     assert len(frames) == 4  # steps 0, 4, 8 and 12 (the final step)
     still = iio.imread(tmp_path / "out" / "features_conv1.png")
     assert still.shape[:2] == frames[-1].shape[:2]
+
+
+def test_uncommitted_feature_rows_are_not_read_and_repair_drops_them(tmp_path):
+    from layerwatch.store import repair_run
+
+    model, _ = _model()
+    x, y = _data()
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[LayerWatch(path, x[:2], features_every=4, budget=None)])
+    # As a writer killed between its two flushes leaves it: one more row of
+    # data, and features/steps grown but not yet written (its fill value, -1).
+    with h5py.File(path, "r+") as f:
+        for name in ("images", "activation", "probe_best"):
+            for key in ("conv1", "conv2"):
+                ds = f[f"features/{name}/{key}"]
+                ds.resize(ds.shape[0] + 1, axis=0)
+        f["features/steps"].resize(4, axis=0)
+        f["status"][0] = 0
+        f.attrs["writer_pid"] = 4_000_000  # no such process: the writer is gone
+    with open_run(path) as run:
+        assert run.feature_steps.tolist() == [0, 4, 6]
+        assert run.features("conv1").shape[0] == 3
+        assert run.feature_activation("conv2").shape == (3, 3)
+    assert repair_run(path)
+    with h5py.File(path, "r") as f:
+        assert f["features/steps"][:].tolist() == [0, 4, 6]
+        assert {f[f"features/{name}/{key}"].shape[0] for name in ("images", "activation",
+                "probe_best") for key in ("conv1", "conv2")} == {3}
