@@ -41,16 +41,21 @@ that probe is stored instead; the file keeps both values per image
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import numpy as np
 
 from layerwatch.store.features import FeatureRow, FeaturesSpec
-from layerwatch.store.schema import (ATTR_FEATURES_EVERY, ATTR_FEATURES_ITERATIONS,
-                                     ATTR_FEATURES_METHOD, ATTR_FEATURES_SEED,
-                                     ATTR_FEATURES_STEP_SIZE)
+from layerwatch.store.schema import (
+    ATTR_FEATURES_EVERY,
+    ATTR_FEATURES_ITERATIONS,
+    ATTR_FEATURES_METHOD,
+    ATTR_FEATURES_SEED,
+    ATTR_FEATURES_STEP_SIZE,
+)
 
 from .extractor import is_graph_model
 
@@ -263,17 +268,15 @@ def _blur(x: Any, spatial: tuple[int, ...]) -> Any:
         n = x.shape[axis]
         if n < 3:
             continue
-
-        def part(a, b, _axis=axis):
-            return x[(slice(None),) * _axis + (slice(a, b),)]
-
-        padded = ops.concatenate([part(0, 1), x, part(n - 1, n)], axis=axis)
-
-        def shifted(k, _axis=axis, _padded=padded, _n=n):
-            return _padded[(slice(None),) * _axis + (slice(k, k + _n),)]
-
-        x = (shifted(0) + 2.0 * shifted(1) + shifted(2)) * 0.25
+        padded = ops.concatenate([_part(x, axis, 0, 1), x, _part(x, axis, n - 1, n)], axis=axis)
+        x = (_part(padded, axis, 0, n) + 2.0 * _part(padded, axis, 1, n + 1)
+             + _part(padded, axis, 2, n + 2)) * 0.25
     return x
+
+
+def _part(x: Any, axis: int, start: int, stop: int) -> Any:
+    """``x[..., start:stop, ...]`` along ``axis``."""
+    return x[(slice(None),) * axis + (slice(start, stop),)]
 
 
 def _ascend(x: Any, grad: Any, blur_now: Any, s: _Settings, centre: Any) -> Any:

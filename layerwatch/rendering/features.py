@@ -15,8 +15,8 @@ flat. The ``.png`` is the last step.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -11,20 +11,29 @@ trust. Every name comes from :mod:`layerwatch.store.schema`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
 
 from layerwatch.text import printable
 
-from .schema import (CHANNELS, FEATURES, FEATURES_ACTIVATION,
-                     FEATURES_IMAGES, FEATURES_PROBE_BEST, FEATURES_STEPS, INDEX_FILL, PROBES_X,
-                     fixed)
+from .schema import (
+    CHANNELS,
+    FEATURES,
+    FEATURES_ACTIVATION,
+    FEATURES_IMAGES,
+    FEATURES_PROBE_BEST,
+    FEATURES_STEPS,
+    INDEX_FILL,
+    PROBES_X,
+    fixed,
+)
 from .validate import MAX_RANK, MAX_SNAPSHOT_ELEMENTS, MAX_SNAPSHOTS, attr
 
-#: The per-layer groups of ``features``, and the per-image rank of each (beyond F).
+#: The per-layer groups of ``features``: one dataset per layer key in each.
 _PER_LAYER = (FEATURES_IMAGES, FEATURES_ACTIVATION, FEATURES_PROBE_BEST)
 
 
