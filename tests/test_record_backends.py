@@ -469,3 +469,27 @@ def test_a_subclassed_model_is_recorded(tmp_path, tiny_data):
     # The model trains and predicts as before: no layer is left wrapped.
     assert "call" not in vars(model.conv1)
     model.predict(x[:2], verbose=0)
+
+
+def test_features_beat_every_probe_at_the_final_step(tmp_path, tiny_data):
+    x, y = tiny_data
+    model, reference = _model()
+    probes = x[:3]
+    path = tmp_path / "run.h5"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[LayerWatch(path, probes, features_every=4, features_channels=4,
+                                    budget=None)])
+    with h5py.File(path, "r") as f:
+        assert f["features/steps"][:].tolist() == [0, 4, 6]
+        rows = {key: (f[f"features/images/{key}"][-1],
+                      f[f"features/images/{key}"].attrs["channels"],
+                      f[f"features/activation/{key}"][-1]) for key in ("conv1", "conv2")}
+    # Recomputed with the trained model: each image excites its own channel
+    # (mean over positions, inference mode) more than any probe does.
+    probe_means = [o.mean(axis=(1, 2)) for o in _outputs(reference, probes)]
+    for i, (key, (images, channels, stored)) in enumerate(rows.items()):
+        assert images.shape == (4,) + probes.shape[1:]
+        means = _outputs(reference, images)[i].mean(axis=(1, 2))
+        own = means[np.arange(len(channels)), channels]
+        np.testing.assert_allclose(own, stored, rtol=1e-4, atol=1e-5)
+        assert (own > probe_means[i][:, channels].max(axis=0)).all(), key

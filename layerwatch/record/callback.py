@@ -28,6 +28,7 @@ from layerwatch.store import STATUS_COMPLETE, STATUS_STOPPED, RunWriter, open_ru
 from .budget import DISK_BUDGET, CostMeter, Verdict, over_budget, over_disk, snapshot_bytes
 from .chief import env_is_chief, is_chief
 from .extractor import LayerSelector, Tap
+from .features import FeatureAscent, check_features, features_due
 from .fused import DeferredSnapshot, FusedProbePass, can_fuse
 from .jax_state import JaxState
 from .occlusion import DEFAULT_PATCH, check_occlusion_options
@@ -148,6 +149,19 @@ class LayerWatch(keras.callbacks.Callback):
     occlusion_stride : int or None, default None
         Step between patch positions in pixels; None: the patch size
         (patches tile the image without overlap).
+    features_every : int, optional
+        Also record, at the first recorded step, every ``features_every``
+        steps and at the final step of each fit, for the first
+        ``features_channels`` recorded channels of every layer, the input that
+        most excites each channel's mean activation (gradient ascent from a
+        fixed seed, regularized: see ``layerwatch.record.features`` and
+        ``docs/FORMAT.md``, "Features"), with the mean activation it reaches
+        and the best probe's. An image that does not beat every probe is
+        replaced by the best probe. Default None: off. One-input Sequential or
+        Functional models with a floating-point input only (else a ValueError
+        at ``fit``'s start).
+    features_channels : int, default 8
+        Feature images per layer (the first recorded channels).
 
     Notes
     -----
@@ -183,7 +197,8 @@ class LayerWatch(keras.callbacks.Callback):
                  analysis_every: int = 10, disk_budget: float | None = DISK_BUDGET,
                  saliency: bool = False, gradcam: bool = False,
                  occlusion_every: int | None = None, occlusion_patch: int = DEFAULT_PATCH,
-                 occlusion_stride: int | None = None):
+                 occlusion_stride: int | None = None, features_every: int | None = None,
+                 features_channels: int = 8):
         super().__init__()
         # A worker that will not write must not refuse the chief's file.
         self.path = check_path(path, mode if env_is_chief() else "overwrite")
@@ -214,6 +229,10 @@ class LayerWatch(keras.callbacks.Callback):
         self.occlusion_patch = int(occlusion_patch)
         self.occlusion_stride = int(occlusion_stride or occlusion_patch)
         self._last_occlusion: int | None = None
+        self.features_every, self.features_channels = check_features(features_every,
+                                                                     features_channels)
+        self._features: FeatureAscent | None = None  # built with the probe pass
+        self._last_features: int | None = None
         self._probes: ProbePass | None = None      # built once per model
         self._jax_state: JaxState | None = None     # on JAX, for the learning rate
         self._fusion: FusedProbePass | None = None  # built once, reused by later fits
@@ -262,6 +281,7 @@ class LayerWatch(keras.callbacks.Callback):
         if self._last_step != step:
             self._record(step, first, self._analysis_grams(step))
             self._occlude(step)
+        self._make_features(step)
         # Measured once per callback: a resumed or repeated fit() warns no more.
         self._meter = CostMeter() if self.budget is not None and not self._budget_checked \
             else None
@@ -311,6 +331,7 @@ class LayerWatch(keras.callbacks.Callback):
                 if self._meter.done:
                     self._check_budget(self._meter)
                     self._meter, self._budget_checked = None, True
+            self._make_features(step)  # its own cost, outside the recording budget
         except Exception as exc:
             self._stop_recording(exc)
 
@@ -339,6 +360,7 @@ class LayerWatch(keras.callbacks.Callback):
                     # Grams for the final step
                     self._record(step, None, self._analysis_grams(step, final=True))
                 self._occlude(step, final=True)
+                self._make_features(step, final=True)
             except Exception as exc:
                 self._stop_recording(exc)
         self._close(status=STATUS_STOPPED if self._failed else STATUS_COMPLETE)
@@ -361,6 +383,8 @@ class LayerWatch(keras.callbacks.Callback):
             occlusion=None if self.occlusion_every is None else {
                 "patch": self.occlusion_patch, "stride": self.occlusion_stride})
         self._jax_state = JaxState(model) if keras.backend.backend() == "jax" else None
+        self._features = None if self.features_every is None else FeatureAscent(
+            model, self._probes, channels=self.features_channels, every=self.features_every)
 
     def _stored_channels(self, taps: list[Tap]) -> dict[int, Any] | None:
         """Channels kept by the recording being resumed (variance is not re-chosen)."""
@@ -384,8 +408,9 @@ class LayerWatch(keras.callbacks.Callback):
                 from_step=step, analysis_probes=probes.analysis_count,
                 saliency=probes.saliency_shape is not None,
                 gradcam=list(probes.gradcam_shapes), occlusion=self._occlusion_settings(),
-                **options)
+                features=self._features and self._features.spec, **options)
             self._last_step = self._writer.resumed.last_step
+            self._last_features = self._writer.resumed.last_features
             self._last_analysis = self._writer.resumed.last_analysis
             self._last_occlusion = self._writer.resumed.last_occlusion
         else:
@@ -399,8 +424,10 @@ class LayerWatch(keras.callbacks.Callback):
                 analysis_probes_x=_first(probes.analysis_feed),
                 analysis_every=self.analysis_every, saliency_shape=probes.saliency_shape,
                 gradcam_shapes=probes.gradcam_shapes or None,
-                occlusion=self._occlusion_settings(), **options)
+                occlusion=self._occlusion_settings(),
+                features=self._features and self._features.spec, **options)
             self._last_step = self._last_analysis = self._last_occlusion = None
+            self._last_features = None
         self._owns_file = True
         self._failed = False
 
@@ -443,6 +470,15 @@ class LayerWatch(keras.callbacks.Callback):
         # One compiled, inference-mode call (built once; on JAX on the train
         # loop's state as it is, unsynced): see extractor.probe_function.
         return self._probes.snapshot() + self._probes.gradients()
+
+    def _make_features(self, step: int, *, final: bool = False) -> None:
+        """Queue the feature images of ``step`` when they are due (``features_every=``)."""
+        if self._features is None or not features_due(
+                step, self._last_features, self.features_every, final=final):
+            return
+        self.model  # noqa: B018  (on JAX: the training state into the variables)
+        self._writer.add_features(step, self._features())
+        self._last_features = step
 
     def _split(self, arrays: list[np.ndarray] | None
                ) -> tuple[list[np.ndarray] | None, np.ndarray | None]:

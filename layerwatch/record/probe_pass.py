@@ -62,6 +62,8 @@ class ProbePass:
         self.names = input_names(model, len(self.inputs))
         self.feed = _feed(self.inputs)
         extractor, self.taps = build_extractor(model, layers, specs)
+        #: Every tap's full tensor, uncut and uncast (what feature ascent differentiates).
+        self.extractor = extractor
         self._grams: Callable[[Any], Any] | None = None
         self.analysis_feed = None
         if analysis_probes is not None:
@@ -69,8 +71,9 @@ class ProbePass:
             _check_fit(model, extra, specs, name="analysis_probes")
             self.analysis_feed = _feed([np.asarray(a, dtype=d) for a, (_, d) in zip(extra, specs)])
             self._grams = probe_function(model, build_gram_extractor(extractor))
-        axes = [channel_axis(tap.layer, len(out.shape))
-                for tap, out in zip(self.taps, extractor.outputs)]
+        #: Per tap, the channel axis of its batched output.
+        self.axes = axes = [channel_axis(tap.layer, len(out.shape))
+                            for tap, out in zip(self.taps, extractor.outputs)]
         self.totals = [int(out.shape[axis]) for out, axis in zip(extractor.outputs, axes)]
         full = probe_function(model, extractor)
         self.channels = choose_channels(

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from layerwatch.rendering.features import write_feature_files
 from layerwatch.rendering.gif import GifWriter, OverBudget, write_still
 from layerwatch.outputs import default_out_dir
 from layerwatch.rendering.names import file_stems, inside
@@ -44,10 +45,13 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
            value_range: float | tuple[float, float] | None = None,
            progress: Progress | None = None, notes: Notes | None = None) -> list[Path]:
     """Render a recording: ``<layer>.gif``, ``<layer>.png`` per layer and ``curves.png``,
-    and ``saliency.gif`` / ``saliency.png`` when the run recorded saliency maps,
-    ``gradcam_<layer>.gif`` / ``.png`` for each rendered layer with Grad-CAM maps, and
+    ``saliency.gif`` / ``saliency.png`` when the run recorded saliency maps,
+    ``gradcam_<layer>.gif`` / ``.png`` for each rendered layer with Grad-CAM maps,
     ``occlusion.gif`` / ``occlusion.png`` (one frame per occlusion step) when it
-    recorded occlusion maps.
+    recorded occlusion maps, and ``features_<layer>.gif`` / ``.png`` when it
+    recorded feature images (a frame per features step, every one of them:
+    ``every``, ``max_frames`` and ``max_bytes`` apply to the snapshot GIFs; see
+    :mod:`layerwatch.rendering.features`).
 
     Parameters
     ----------
@@ -176,6 +180,8 @@ def render(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                 still = inside(stage, stem + ".png")
                 write_still(still, panel.still(panel.n - 1, scale), panel.layout(scale).palette)
                 written.append(still)
+            written += write_feature_files(run, stage, keys=[layer.key for layer in chosen],
+                                           fps=fps, scale=scale, reserved=stems)
             from layerwatch.rendering.curves import write_curves
 
             curves = inside(stage, "curves.png")

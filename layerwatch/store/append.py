@@ -15,11 +15,12 @@ import numpy as np
 
 from . import explanations
 from .closing import Handles, abandon, finish
+from .features import FeaturesSpec, check_features_appendable, cut_features, rows_through
 from .files import h5_reason, open_for_writing
 from .reader import Run, open_run
 from .repair import repair_run, steps_after, truncate
-from .schema import (ANALYSIS, ANALYSIS_STEPS, METRIC_GROUPS, METRICS, OCCLUSION,
-                     OCCLUSION_STEPS, STATUS, STATUS_RECORDING, STEPS, LayerSpec,
+from .schema import (ANALYSIS, ANALYSIS_STEPS, FEATURES_STEPS, METRIC_GROUPS, METRICS,
+                     OCCLUSION, OCCLUSION_STEPS, STATUS, STATUS_RECORDING, STEPS, LayerSpec,
                      RecordingError)
 
 
@@ -34,12 +35,13 @@ class Resumed:
     last_step: int | None      #: the newest snapshot kept
     last_analysis: int | None  #: the newest analysis step kept
     last_occlusion: int | None = None  #: the newest occlusion step kept
+    last_features: int | None = None  #: the newest feature-images step kept
 
 
 def check_appendable(run: Run, layers: Sequence[LayerSpec], probes_x: np.ndarray,
                      probes_y: np.ndarray | None, analysis_probes: int = 0,
                    saliency: bool = False, gradcam: Sequence[str] | None = None,
-                   occlusion: dict | None = None) -> None:
+                   occlusion: dict | None = None, features: FeaturesSpec | None = None) -> None:
     """Raise :class:`AppendError` unless this run records what ``run`` holds."""
     stored = {layer.key: layer.shape for layer in run.layers}
     wanted = {spec.key: tuple(spec.shape) for spec in layers}
@@ -73,12 +75,16 @@ def check_appendable(run: Run, layers: Sequence[LayerSpec], probes_x: np.ndarray
     why = explanations.check_appendable(run, gradcam=gradcam, occlusion=occlusion)
     if why is not None:
         raise AppendError(f"Cannot append to {run.path}: {why}, or record a new file.")
+    reason = check_features_appendable(run, features)
+    if reason is not None:
+        raise AppendError(f"Cannot append to {run.path}: {reason}")
 
 
 def prepare_append(path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarray,
                    probes_y: np.ndarray | None, analysis_probes: int, from_step: int,
                    saliency: bool = False, gradcam: Sequence[str] | None = None,
-                   occlusion: dict | None = None) -> Resumed:
+                   occlusion: dict | None = None,
+                   features: FeaturesSpec | None = None) -> Resumed:
     """Check, repair if needed, and cut ``path`` back to ``from_step``.
 
     Snapshots after ``from_step`` (left by a run that died after its last
@@ -86,7 +92,7 @@ def prepare_append(path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarr
     """
     with open_run(path) as run:
         check_appendable(run, layers, probes_x, probes_y, analysis_probes, saliency,
-                         gradcam=gradcam, occlusion=occlusion)
+                         gradcam=gradcam, occlusion=occlusion, features=features)
         needs_repair = not run.closed_cleanly
     if needs_repair:
         repair_run(path)
@@ -110,6 +116,10 @@ def prepare_append(path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarr
             if OCCLUSION in f else np.zeros(0, dtype=np.int64)
         occlusion_rows = int(np.searchsorted(occluded, from_step, side="right"))
         explanations.cut(node, keep, occlusion_rows)
+        feature_rows = rows_through(f, from_step)
+        if features is not None:
+            cut_features(node, feature_rows)
+        last_features = int(node(FEATURES_STEPS)[feature_rows - 1]) if feature_rows else None
         node(STATUS)[0] = STATUS_RECORDING
         last_analysis = int(held[analysis_rows - 1]) if analysis_rows else None
         last_occlusion = int(occluded[occlusion_rows - 1]) if occlusion_rows else None
@@ -120,7 +130,7 @@ def prepare_append(path: str, *, layers: Sequence[LayerSpec], probes_x: np.ndarr
     if error is not None:
         raise RecordingError(f"Cannot write {path}: {h5_reason(error)}") from error
     return Resumed(last_step=last_step, last_analysis=last_analysis,
-                   last_occlusion=last_occlusion)
+                   last_occlusion=last_occlusion, last_features=last_features)
 
 
 def _describe_layers(layers: dict[str, tuple[int, ...]]) -> str:

@@ -24,6 +24,7 @@ from layerwatch.text import printable
 from .closing import abandoned_here
 from .compat import version_1_batch_metrics
 from .explanations import ExplanationReads, gradcam_rows, refresh as refresh_explanations
+from .features import FeaturesReading
 from .files import h5_reason, open_for_reading
 from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_PROBES, ANALYSIS_STEPS,
                      ATTR_FLUSH_SECONDS, ATTR_FORMAT_VERSION, ATTR_INPUT_INDEX, ATTR_STORAGE_DTYPE,
@@ -53,7 +54,7 @@ class Metrics:
         return self.steps[keep], column[keep]
 
 
-class Run(ExplanationReads):
+class Run(ExplanationReads, FeaturesReading):
     """A recording opened for reading. Use :func:`open_run` or :func:`read_run`.
 
     Works on a file still being written (it reads the snapshots committed so
@@ -502,6 +503,7 @@ class Run(ExplanationReads):
             if SALIENCY in self._f:
                 self._f[SALIENCY].refresh()
             refresh_explanations(self._f)
+            self._refresh_features()
             for group in METRIC_GROUPS:
                 for ds in self._f[METRICS][group].values():
                     ds.refresh()

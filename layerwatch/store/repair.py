@@ -15,17 +15,21 @@ import numpy as np
 from . import explanations
 from .closing import Handles, abandoned_here, finish
 from .files import h5_reason, temporary_beside
+from .features import cut_features
 from .reader import open_run
-from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_STEPS, METRIC_NAMES, METRICS,
+from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_STEPS, FEATURES,
+                     METRIC_NAMES, METRICS,
                      PER_SNAPSHOT, SALIENCY, STATUS, STATUS_RECORDING, STATUS_STOPPED, STEPS,
                      RecordingError)
 
 
 def truncate(node: Handles, snapshots: int, *, metric_rows: dict[str, int],
-             analysis_rows: int, occlusion_rows: int | None = None) -> None:
+             analysis_rows: int, occlusion_rows: int | None = None,
+             features_rows: int | None = None) -> None:
     """Cut every per-snapshot dataset to ``snapshots`` rows, each metric table
-    to ``metric_rows[group]`` rows, the analysis Grams to ``analysis_rows`` and
-    the occlusion maps to ``occlusion_rows`` (None: as they are).
+    to ``metric_rows[group]`` rows, the analysis Grams to ``analysis_rows``,
+    the occlusion maps to ``occlusion_rows`` (None: as they are) and the
+    feature images (if ``features_rows`` is given) to ``features_rows``.
     ``node`` opens the file's datasets (and keeps them open until it is flushed)."""
     f = node.file
 
@@ -44,6 +48,8 @@ def truncate(node: Handles, snapshots: int, *, metric_rows: dict[str, int],
         node(ANALYSIS_STEPS).resize(analysis_rows, axis=0)
         for key in f[ANALYSIS_GRAMS]:
             cut(f"{ANALYSIS_GRAMS}/{key}", analysis_rows)
+    if features_rows is not None and FEATURES in f:
+        cut_features(node, features_rows)
     for group, count in metric_rows.items():
         for name in f[METRICS][group]:
             if name != METRIC_NAMES:
@@ -90,6 +96,7 @@ def repair_run(path: str | os.PathLike) -> bool:
         last = int(run.steps[-1]) if n else -1
         analysis_rows = int(np.searchsorted(run.analysis_steps, last, side="right"))
         occlusion_rows = int(np.searchsorted(run.occlusion_steps, last, side="right"))
+        features_rows = int(np.searchsorted(run.feature_steps, last, side="right"))
         tmp = temporary_beside(path, like=path)
         dst = None
         try:
@@ -97,7 +104,7 @@ def repair_run(path: str | os.PathLike) -> bool:
             node = Handles(dst)
             run.copy_into(dst)
             truncate(node, n, metric_rows=rows, analysis_rows=analysis_rows,
-                     occlusion_rows=occlusion_rows)
+                     occlusion_rows=occlusion_rows, features_rows=features_rows)
             if int(node(STATUS)[0]) == STATUS_RECORDING:
                 node(STATUS)[0] = STATUS_STOPPED
             done, dst = dst, None

@@ -69,6 +69,20 @@ ANALYSIS = "analysis"        #: optional group: analysis-probe Gram matrices
 ANALYSIS_STEPS = "analysis/steps"
 ANALYSIS_PROBES = "analysis/probes_x"
 ANALYSIS_GRAMS = "analysis/gram"  #: group: one (G, n, n) float32 dataset per layer
+#: optional group (``LayerWatch(features_every=N)``): activation maximization, per
+#: layer the input that most excites each of its first channels (docs/FORMAT.md, "Features").
+#: Per-layer data lives in subgroups, so no layer key can collide with ``steps``.
+FEATURES = "features"
+FEATURES_STEPS = "features/steps"            #: (F,) int64 step of each row; the commit index
+FEATURES_IMAGES = "features/images"          #: group: (F, channels, *input shape) float32 per layer
+FEATURES_ACTIVATION = "features/activation"  #: group: (F, channels) float32, each image's mean activation
+FEATURES_PROBE_BEST = "features/probe_best"  #: group: (F, channels) float32, the best probe's
+#: on the features group: the schedule and the ascent's settings
+ATTR_FEATURES_EVERY = "every"
+ATTR_FEATURES_ITERATIONS = "iterations"
+ATTR_FEATURES_STEP_SIZE = "step_size"
+ATTR_FEATURES_SEED = "seed"
+ATTR_FEATURES_METHOD = "method"
 
 # -- root attributes ---------------------------------------------------------- #
 ATTR_FORMAT = "format"

@@ -23,6 +23,8 @@ from h5py._objects import phil as _HDF5_LOCK  # h5py's lock around the HDF5 libr
 from . import codec, explanations
 from .append import Resumed, prepare_append
 from .closing import Handles, abandon, finish
+from .features import (FeatureRow, FeaturesSpec, check_feature_rows, create_features,
+                       feature_keys, write_feature_rows)
 from .files import open_for_writing, temporary_beside
 from .schema import (ACTIVATIONS, ANALYSIS, ANALYSIS_GRAMS, ANALYSIS_PROBES, ANALYSIS_STEPS,
                      ATTR_ANALYSIS_EVERY, ATTR_FLUSH_SECONDS, ATTR_FLUSH_SNAPSHOTS, ATTR_FORMAT,
@@ -79,6 +81,9 @@ class RunWriter:
         self.gradcam = explanations.gradcam_keys(f)
         self.occlusion = explanations.occlusion_settings(f) is not None
         self._pending_occlusion: list[tuple[int, np.ndarray]] = []
+        #: The layer keys with feature images, or None (no features group).
+        self._feature_keys = feature_keys(f)
+        self._pending_features: list[tuple[int, dict[str, FeatureRow]]] = []
         #: (step, epoch, wall time, arrays, grams, saliency, gradcam) per queued snapshot
         self._pending: list[tuple] = []
         self._pending_batch: list[tuple[int, dict[str, float]]] = []
@@ -118,7 +123,8 @@ class RunWriter:
                probe_inputs: dict[str, np.ndarray] | None = None,
                saliency_shape: Sequence[int] | None = None,
                gradcam_shapes: dict[str, tuple[int, int]] | None = None,
-               occlusion: dict[str, Any] | None = None) -> "RunWriter":
+               occlusion: dict[str, Any] | None = None,
+               features: FeaturesSpec | None = None) -> "RunWriter":
         """Create a new recording at ``path`` (replacing any file there).
 
         ``storage_dtype`` is the root attribute of that name: ``"float16"``
@@ -136,6 +142,7 @@ class RunWriter:
         datasets ``gradcam/<key>``, one row per snapshot too; with ``occlusion``
         (``every``, ``patch``, ``stride``, ``fill``, ``grid``) the ``occlusion`` group,
         grown by :meth:`add_occlusion`.
+        With ``features`` the file gets the ``features`` group (see :meth:`add_features`).
         """
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}. "
@@ -211,6 +218,9 @@ class RunWriter:
                                    dtype=np.float64, chunks=(256, 16), fillvalue=np.nan))
             if analysis_probes_x is not None:
                 _create_analysis(f, h, layers, analysis_probes_x, analysis_every)
+            if features is not None:
+                create_features(f, h, features, compression=compression,
+                                compression_opts=compression_opts)
             h(f.create_dataset(STATUS, data=np.array([STATUS_RECORDING], dtype=np.int8)))
             h(f.create_dataset(HEARTBEAT, data=np.array([time.time()], dtype=np.float64)))
             done, f = f, None
@@ -232,21 +242,23 @@ class RunWriter:
                probes_y: np.ndarray | None, from_step: int, analysis_probes: int = 0,
                flush_seconds: float = 2.0, flush_snapshots: int = 32,
                saliency: bool = False, gradcam: Sequence[str] | None = None,
-               occlusion: dict[str, Any] | None = None) -> "RunWriter":
+               occlusion: dict[str, Any] | None = None,
+               features: FeaturesSpec | None = None) -> "RunWriter":
         """Reopen an existing recording to continue it (resumed training).
 
         Raises :class:`layerwatch.store.append.AppendError` when the file's
         layers, probes or number of analysis probes differ from this run's, or
         it holds saliency maps and this run records none (``saliency``), or
         the other way round — and likewise for Grad-CAM (``gradcam``: its layer
-        keys) and occlusion (``occlusion``: its ``patch`` and ``stride``).
+        keys) and occlusion (``occlusion``: its ``patch`` and ``stride``), or its feature images differ from ``features``.
         Snapshots after ``from_step`` (left by a run that died after its last
         checkpoint) are dropped with a warning, so steps stay increasing; the
         writer's :attr:`resumed` says where the file stands.
         """
         resumed = prepare_append(path, layers=layers, probes_x=probes_x, probes_y=probes_y,
                                  analysis_probes=analysis_probes, from_step=from_step,
-                                 saliency=saliency, gradcam=gradcam, occlusion=occlusion)
+                                 saliency=saliency, gradcam=gradcam, occlusion=occlusion,
+                                 features=features)
         writer = cls._open_for_writing(path, [s.key for s in layers],
                                        flush_seconds=flush_seconds,
                                        flush_snapshots=flush_snapshots)
@@ -303,6 +315,12 @@ class RunWriter:
             raise ValueError("occlusion maps for a recording made without them")
         with self._lock:
             self._pending_occlusion.append((int(step), np.asarray(values, dtype=np.float32)))
+
+    def add_features(self, step: int, rows: dict[str, FeatureRow]) -> None:
+        """Queue the feature images of every layer at ``step``; they are written
+        with the next block of snapshots (or within ``flush_seconds``)."""
+        with self._lock:
+            self._pending_features.append((int(step), dict(rows)))
         self._raise_if_failed()
 
     def add_batch_logs(self, step: int, logs: dict[str, float]) -> None:
@@ -334,12 +352,12 @@ class RunWriter:
     def _take(self):
         with self._lock:
             if not (self._pending or self._pending_batch or self._pending_epoch
-                    or self._pending_occlusion):
+                    or self._pending_occlusion or self._pending_features):
                 return None
             job = (self._pending, self._pending_batch, self._pending_epoch,
-                   self._pending_occlusion)
+                   self._pending_occlusion, self._pending_features)
             self._pending, self._pending_batch, self._pending_epoch = [], [], []
-            self._pending_occlusion = []
+            self._pending_occlusion, self._pending_features = [], []
             return job
 
     def close(self, *, status: int = STATUS_COMPLETE) -> None:
@@ -425,7 +443,7 @@ class RunWriter:
             abandon(self._f)
         self._error = exc
 
-    def _write(self, snapshots, batch_logs, epoch_logs, occlusion=()) -> None:
+    def _write(self, snapshots, batch_logs, epoch_logs, occlusion=(), features=()) -> None:
         # Refusals come before anything is written: they leave HDF5 able to
         # write and close the file as usual.
         self._check_file()
@@ -433,8 +451,10 @@ class RunWriter:
         snapshots = [s for s in snapshots if s[3] is not None]
         self._check_shapes(snapshots, with_grams)
         self._check_explanations(snapshots, occlusion)
+        check_feature_rows(self._node, self._feature_keys, features)
         try:
-            self._write_checked(snapshots, with_grams, batch_logs, epoch_logs, occlusion)
+            self._write_checked(snapshots, with_grams, batch_logs, epoch_logs, occlusion,
+                                features)
         except BaseException:
             # HDF5 may hold data for the file that it could not write: it
             # fails again on any close (see layerwatch.store.closing).
@@ -482,7 +502,7 @@ class RunWriter:
                                      f"do not fit the recording's {want}")
 
     def _write_checked(self, snapshots, with_grams, batch_logs, epoch_logs,
-                       occlusion=()) -> None:
+                       occlusion=(), features=()) -> None:
         f, node = self._f, self._node
         commits: list[tuple[h5py.Dataset, list[int]]] = []
         if snapshots:
@@ -522,6 +542,8 @@ class RunWriter:
             ds.resize(o0 + len(occlusion), axis=0)
             ds[o0:] = np.stack([values for _, values in occlusion])
             commits.append((node(OCCLUSION_STEPS), [step for step, _ in occlusion]))
+        if features:
+            commits.append(write_feature_rows(node, self._feature_keys, features))
         if batch_logs:
             commits.append(_append_logs(node, "batch", [(s,) for s, _ in batch_logs],
                                         [logs for _, logs in batch_logs]))
