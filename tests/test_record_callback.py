@@ -53,7 +53,7 @@ def test_records_every_step_and_values_match_model(tmp_path, tiny_data):
 
     with h5py.File(path, "r", swmr=True) as f:
         assert f.attrs["format"].decode() == "layerwatch"
-        assert f.attrs["format_version"] == 2
+        assert f.attrs["format_version"] == 3
         assert f.attrs["storage_dtype"].decode() == "auto"
         assert f.attrs["backend"].decode() == keras.backend.backend()
         assert f.attrs["keras_version"].decode() == keras.__version__

@@ -81,7 +81,7 @@ def _virtual(f, target):
 
 HOSTILE = {
     "format_version": (lambda f: f.attrs.__setitem__("format_version", 99),
-                       "has format_version=99; this layerwatch reads versions 1 and 2"),
+                       "has format_version=99; this layerwatch reads versions 1, 2 and 3"),
     "format_string_version": (lambda f: f.attrs.__setitem__("format_version", np.bytes_(b"1")),
                               "has format_version='1'"),
     # variable-length strings are never read (HDF5 can loop forever on a damaged global heap)
@@ -444,6 +444,29 @@ def test_two_writers_in_one_process_do_not_corrupt_each_other(tmp_path):
             for i in range(len(shapes)):
                 np.testing.assert_array_equal(f[f"activations/l{i}"][:], np.stack(
                     [m[i] for m in made]).astype(np.float16))
+
+
+def test_a_version_2_file_written_by_layerwatch_0_3_0_reads_as_before(tmp_path):
+    """tests/data/format_v2.h5 was written by 0.3.0 (saliency on; no Grad-CAM,
+    occlusion or features, which version 3 added)."""
+    path = Path(__file__).parent / "data" / "format_v2.h5"
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 2
+        plain = {key: f["activations"][key][()] for key in f["activations"]}
+        saliency = f["saliency"][()]
+    with open_run(path) as run:
+        assert run.format_version == 2 and run.status == STATUS_COMPLETE
+        assert run.steps.tolist() == list(range(7))
+        for layer in run.layers:
+            np.testing.assert_array_equal(run.activations(layer.key),
+                                          plain[layer.key].astype(np.float32))
+        np.testing.assert_array_equal(run.saliency(), saliency)
+        assert not run.has_gradcam and not run.has_occlusion and not run.has_features
+        assert run.occlusion_steps.tolist() == [] and run.feature_steps.tolist() == []
+    from layerwatch import render
+
+    written = render(path, tmp_path / "out")
+    assert {p.name for p in map(Path, written)} >= {"c1.gif", "c2.gif", "saliency.gif"}
 
 
 def test_a_version_1_file_written_by_layerwatch_0_2_3_reads_as_before():

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "layerwatch"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Versions this layerwatch reads (see docs/FORMAT.md, "Versions").
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 
 #: Values of the ``status`` dataset.
 STATUS_RECORDING = 0

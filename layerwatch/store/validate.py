@@ -79,7 +79,7 @@ class Checker:
         version = attr(f, ATTR_FORMAT_VERSION, strict=True)
         if isinstance(version, bool) or not isinstance(version, int) \
                 or version not in READABLE_VERSIONS:
-            readable = " and ".join(str(v) for v in READABLE_VERSIONS)
+            readable = ", ".join(str(v) for v in READABLE_VERSIONS[:-1]) + f" and {READABLE_VERSIONS[-1]}"
             raise RecordingError(
                 f"{self.path} has format_version={printable(repr(version))[:40]}; this "
                 f"layerwatch reads versions {readable}. Upgrade layerwatch to read "
