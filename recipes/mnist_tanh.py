@@ -108,13 +108,17 @@ def recorder(path: str, probes: np.ndarray, labels: np.ndarray, x_test: np.ndarr
     the cost-budget warning, meant for runs where recording is incidental, is
     off. 200 held-out digits, not rendered, give ``layerwatch drift`` enough
     inputs for CKA to measure something (ten probes alone start above 0.9);
-    the saliency of each probe (d output[label] / d pixels) is recorded too.
+    the saliency of each probe (d output[label] / d pixels) and every layer's
+    Grad-CAM are recorded too (one backward pass), occlusion maps (7×7 grey
+    patches) every 10 steps, and the images that most excite the first 8
+    channels of every layer (activation maximization) every 20 steps.
     """
     import layerwatch
 
     return layerwatch.LayerWatch(path, probes, labels, every=every, mode="overwrite",
                                  budget=None, analysis_probes=x_test[-ANALYSIS_PROBES:],
-                                 analysis_every=5, saliency=True)
+                                 analysis_every=5, saliency=True, gradcam=True,
+                                 occlusion_every=10, features_every=20)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
