@@ -86,8 +86,8 @@ def _parse(argv):
                         "writer (the probe pass and the callback alone)")
     args = p.parse_args(argv)
     if args.cases is None:
-        args.cases = ["seed", "b64", "b1024"] + ["recipe"] * args.recipe \
-            + ["saliency"] * args.saliency
+        args.cases = ["b64"] if args.quick else ["seed", "b64", "b1024"] \
+            + ["recipe"] * args.recipe + ["saliency"] * args.saliency
     if args.quick:
         args.batch_sizes, args.repeats, args.train_size = [32], 1, 128
         args.epochs = args.epochs or 2

@@ -27,6 +27,10 @@ def _assert_ratio(out: str, what: str) -> None:
 
 def test_overhead_quick(tmp_path):
     out = _run_quick("overhead.py", tmp_path)
+    # The headline: whole fit() in alternating pairs, beside the plain step time.
+    assert re.search(r"^fit-ratio b64 layerwatch/none = \d+\.\d+", out, re.MULTILINE), out
+    assert re.search(r"^fit-cpu-ratio b64 naive/none = \d+\.\d+", out, re.MULTILINE), out
+    assert re.search(r"^plain fit b64: .* plain step \d+\.\d+ ms", out, re.MULTILINE), out
     _assert_ratio(out, "batch=32 layerwatch/none")
     _assert_ratio(out, "batch=32 naive/none")
     traces = re.search(r"^probe function traces: (\d+) during warm-up, (\d+) during", out,
