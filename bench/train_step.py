@@ -95,7 +95,9 @@ def run(args) -> int:
         return 2
     extractor, _ = build_extractor(model, None, input_spec(model, [probes]))
     recorder = cast_outputs(extractor, "float16")  # as LayerWatch stores tanh layers
-    fusion = FusedProbePass(model, recorder, np.asarray(probes, dtype=np.float32))
+    feed = np.asarray(probes, dtype=np.float32)
+    like = [np.asarray(a) for a in recorder.predict_on_batch(feed)]  # the shapes handed back
+    fusion = FusedProbePass(model, recorder, feed, like)
     fusion.install()
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch_size, drop_remainder=True)
     iterator = iter(data.repeat().prefetch(2))
