@@ -245,3 +245,32 @@ def test_uncommitted_feature_rows_are_not_read_and_repair_drops_them(tmp_path):
         assert f["features/steps"][:].tolist() == [0, 4, 6]
         assert {f[f"features/{name}/{key}"].shape[0] for name in ("images", "activation",
                 "probe_best") for key in ("conv1", "conv2")} == {3}
+
+
+def test_a_channel_silent_on_the_seed_starts_from_its_best_probe_a_dead_one_keeps_it(tmp_path):
+    import imageio.v3 as iio
+
+    model, _ = _model(activation="relu")
+    conv1 = model.get_layer("conv1")
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 1, 4)).astype("f4") * 0.3
+    kernel[..., 0] = np.abs(kernel[..., 0])  # on for some of every positive input
+    bias = np.full(4, 0.1, "f4")
+    kernel[..., 1], bias[1] = 0.0, -1.0  # channel 1: relu(-1) everywhere, no gradient
+    # channel 3: off on the near-uniform seed start, on where a probe's pixel
+    # exceeds its left neighbour by 0.2: ascent must start from that probe.
+    kernel[..., 3], bias[3] = 0.0, -0.2
+    kernel[1, 1, 0, 3], kernel[1, 0, 0, 3] = 1.0, -1.0
+    conv1.set_weights([kernel, bias])
+    x, y = _data()
+    probes = x[:3]
+    path = tmp_path / "run.h5"
+    model.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0,
+              callbacks=[LayerWatch(path, probes, features_every=10, budget=None)])
+    with h5py.File(path, "r") as f:
+        images = f["features/images/conv1"][0]
+        activation, best = f["features/activation/conv1"][0], f["features/probe_best/conv1"][0]
+    assert activation[1] == best[1] == 0.0
+    np.testing.assert_array_equal(images[1], probes[0])  # the (first) best probe
+    assert (activation[[0, 2, 3]] > best[[0, 2, 3]]).all()
+    render(path, tmp_path / "out", layers=["conv1"])
+    assert len(iio.imread(tmp_path / "out" / "features_conv1.gif", index=None)) == 2
