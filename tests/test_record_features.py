@@ -160,6 +160,10 @@ def test_a_file_without_features_says_so(tmp_path):
         with pytest.raises(KeyError, match="features_every="):
             run.features("conv1")
     assert not any(p.name.startswith("features_") for p in render(path, tmp_path / "out"))
+    with pytest.raises(AppendError, match="recorded without feature images"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[LayerWatch(path, x[:2], mode="append", features_every=2,
+                                        budget=None)])
 
 
 @pytest.mark.parametrize("kwargs, message", [
