@@ -53,18 +53,38 @@ def _assert_beats_probes(taps, f, row, probes, keys=("conv1", "conv2")):
         assert (recomputed > probe_means[i][:, channels].max(axis=0)).all(), (key, row)
 
 
-def test_features_beat_every_probe_at_the_first_and_final_step(tmp_path):
+class _Weights(keras.callbacks.Callback):
+    """The recorded tensors' weights after every step."""
+
+    def __init__(self, taps):
+        super().__init__()
+        self.taps, self.seen = taps, {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.seen[step] = self.taps.get_weights()
+
+
+def _at(taps, weights):
+    clone = keras.models.clone_model(taps)
+    clone.set_weights(weights)
+    return clone
+
+
+def test_features_beat_every_probe_at_the_step_they_were_made(tmp_path):
     model, taps = _model()
     x, y = _data()
     probes = x[:4]
     path = tmp_path / "run.h5"
-    initial = keras.models.clone_model(taps)
-    initial.set_weights(taps.get_weights())
+    initial = _at(taps, taps.get_weights())
+    weights = _Weights(taps)
     model.fit(x, y, batch_size=8, epochs=2, verbose=0,
-              callbacks=[LayerWatch(path, probes, y[:4], features_every=5, budget=None)])
+              callbacks=[LayerWatch(path, probes, y[:4], features_every=5, budget=None),
+                         weights])
     with h5py.File(path, "r") as f:
         steps = f["features/steps"][:]
-        assert steps[0] == 0 and steps[-1] == 12
+        assert steps.tolist() == [0, 5, 10, 12]
+        _assert_beats_probes(_at(taps, weights.seen[5]), f, 1, probes)  # mid-training
         assert f["features/images/conv1"].shape == (len(steps), 4, 8, 8, 1)
         assert f["features/images/conv2"].shape == (len(steps), 3, 8, 8, 1)
         assert f["features/images/conv1"].dtype == np.float32
