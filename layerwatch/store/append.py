@@ -18,8 +18,8 @@ from .features import FeaturesSpec, check_features_appendable, cut_features, row
 from .files import h5_reason, open_for_writing
 from .reader import Run, open_run
 from .repair import repair_run, steps_after, truncate
-from .schema import (ANALYSIS, ANALYSIS_STEPS, FEATURES_STEPS, METRIC_GROUPS, METRICS, STATUS, STATUS_RECORDING,
-                     STEPS, LayerSpec, RecordingError)
+from .schema import (ANALYSIS, ANALYSIS_STEPS, FEATURES_STEPS, METRIC_GROUPS, METRICS, STATUS,
+                     STATUS_RECORDING, STEPS, LayerSpec, RecordingError)
 
 
 class AppendError(RecordingError, ValueError):
