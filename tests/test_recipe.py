@@ -59,10 +59,21 @@ def test_recipe_records_and_renders(recipe, tmp_path, capsys):
     assert iio.imread(out / "drift.png").ndim == 3
     assert sorted(Path(p).name for p in result["written"]) == sorted(
         [f"{n}.gif" for n in LAYERS] + [f"{n}.png" for n in LAYERS]
-        + ["saliency.gif", "saliency.png", "curves.png", "drift.png"])
+        + ["saliency.gif", "saliency.png", "curves.png", "drift.png"]
+        + [f"{kind}_{n}.{ext}" for kind in ("gradcam", "features") for n in LAYERS
+           for ext in ("gif", "png")] + ["occlusion.gif", "occlusion.png"])
     with h5py.File(run, "r", swmr=True) as f:  # the drift probes: held-out digits, not drawn
         assert f["analysis/probes_x"].shape == (recipe.ANALYSIS_PROBES, 28, 28, 1)
         assert f["saliency"].shape == (7, 10, 28, 28, 1)
+        for name, shape in LAYERS.items():
+            assert f["gradcam"][name].shape == (7, 10) + shape[:2]
+            # the first 8 channels (all of a narrower layer), each image beating every probe
+            images = f["features/images"][name]
+            assert images.shape == (2, min(8, shape[2]), 28, 28, 1)
+            assert np.all(f["features/activation"][name][:] > f["features/probe_best"][name][:])
+        # occlusion_every=10 and features_every=20: step 0 and the final step here
+        assert f["occlusion/steps"][:].tolist() == f["features/steps"][:].tolist() == [0, 6]
+        assert f["occlusion/values"].shape == (2, 10, 4, 4)
     assert 0 <= result["accuracy"] <= 1
     printed = capsys.readouterr().out
     assert f"Test accuracy: {result['accuracy']:.4f}" in printed

@@ -53,18 +53,38 @@ def _assert_beats_probes(taps, f, row, probes, keys=("conv1", "conv2")):
         assert (recomputed > probe_means[i][:, channels].max(axis=0)).all(), (key, row)
 
 
-def test_features_beat_every_probe_at_the_first_and_final_step(tmp_path):
+class _Weights(keras.callbacks.Callback):
+    """The recorded tensors' weights after every step."""
+
+    def __init__(self, taps):
+        super().__init__()
+        self.taps, self.seen = taps, {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.seen[step] = self.taps.get_weights()
+
+
+def _at(taps, weights):
+    clone = keras.models.clone_model(taps)
+    clone.set_weights(weights)
+    return clone
+
+
+def test_features_beat_every_probe_at_the_step_they_were_made(tmp_path):
     model, taps = _model()
     x, y = _data()
     probes = x[:4]
     path = tmp_path / "run.h5"
-    initial = keras.models.clone_model(taps)
-    initial.set_weights(taps.get_weights())
+    initial = _at(taps, taps.get_weights())
+    weights = _Weights(taps)
     model.fit(x, y, batch_size=8, epochs=2, verbose=0,
-              callbacks=[LayerWatch(path, probes, y[:4], features_every=5, budget=None)])
+              callbacks=[LayerWatch(path, probes, y[:4], features_every=5, budget=None),
+                         weights])
     with h5py.File(path, "r") as f:
         steps = f["features/steps"][:]
-        assert steps[0] == 0 and steps[-1] == 12
+        assert steps.tolist() == [0, 5, 10, 12]
+        _assert_beats_probes(_at(taps, weights.seen[5]), f, 1, probes)  # mid-training
         assert f["features/images/conv1"].shape == (len(steps), 4, 8, 8, 1)
         assert f["features/images/conv2"].shape == (len(steps), 3, 8, 8, 1)
         assert f["features/images/conv1"].dtype == np.float32
@@ -160,6 +180,10 @@ def test_a_file_without_features_says_so(tmp_path):
         with pytest.raises(KeyError, match="features_every="):
             run.features("conv1")
     assert not any(p.name.startswith("features_") for p in render(path, tmp_path / "out"))
+    with pytest.raises(AppendError, match="recorded without feature images"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[LayerWatch(path, x[:2], mode="append", features_every=2,
+                                        budget=None)])
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -245,3 +269,32 @@ def test_uncommitted_feature_rows_are_not_read_and_repair_drops_them(tmp_path):
         assert f["features/steps"][:].tolist() == [0, 4, 6]
         assert {f[f"features/{name}/{key}"].shape[0] for name in ("images", "activation",
                 "probe_best") for key in ("conv1", "conv2")} == {3}
+
+
+def test_a_channel_silent_on_the_seed_starts_from_its_best_probe_a_dead_one_keeps_it(tmp_path):
+    import imageio.v3 as iio
+
+    model, _ = _model(activation="relu")
+    conv1 = model.get_layer("conv1")
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 1, 4)).astype("f4") * 0.3
+    kernel[..., 0] = np.abs(kernel[..., 0])  # on for some of every positive input
+    bias = np.full(4, 0.1, "f4")
+    kernel[..., 1], bias[1] = 0.0, -1.0  # channel 1: relu(-1) everywhere, no gradient
+    # channel 3: off on the near-uniform seed start, on where a probe's pixel
+    # exceeds its left neighbour by 0.2: ascent must start from that probe.
+    kernel[..., 3], bias[3] = 0.0, -0.2
+    kernel[1, 1, 0, 3], kernel[1, 0, 0, 3] = 1.0, -1.0
+    conv1.set_weights([kernel, bias])
+    x, y = _data()
+    probes = x[:3]
+    path = tmp_path / "run.h5"
+    model.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0,
+              callbacks=[LayerWatch(path, probes, features_every=10, budget=None)])
+    with h5py.File(path, "r") as f:
+        images = f["features/images/conv1"][0]
+        activation, best = f["features/activation/conv1"][0], f["features/probe_best/conv1"][0]
+    assert activation[1] == best[1] == 0.0
+    np.testing.assert_array_equal(images[1], probes[0])  # the (first) best probe
+    assert (activation[[0, 2, 3]] > best[[0, 2, 3]]).all()
+    render(path, tmp_path / "out", layers=["conv1"])
+    assert len(iio.imread(tmp_path / "out" / "features_conv1.gif", index=None)) == 2

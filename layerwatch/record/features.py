@@ -15,7 +15,9 @@ The ascent (:data:`ITERATIONS` steps, settings below, stored with the file):
 
 - start: the probes' per-input-channel mean plus Gaussian noise of 0.1× the
   probes' standard deviation, from a fixed seed (:data:`SEED`): the same start
-  at every step, so rows differ only because the weights did;
+  at every step, so rows differ only because the weights did. An image whose
+  channel gives that start no gradient at all (a ReLU channel off everywhere
+  on it) starts from the probe that excites the channel most instead;
 - normalized gradient steps: each image moves by :data:`STEP_SIZE` × the
   probes' value span along its gradient divided by the gradient's RMS, so the
   pace does not depend on the layer's scale or on how saturated it is;
@@ -73,7 +75,8 @@ NOISE = 0.1
 SEED = 0
 #: One line for the file: how the images were made.
 METHOD = (f"gradient ascent on the channel's mean activation, {ITERATIONS} steps from the "
-          f"probes' per-channel mean + N(0, ({NOISE} x probes' std)^2) noise (seed {SEED}); "
+          f"probes' per-channel mean + N(0, ({NOISE} x probes' std)^2) noise (seed {SEED}), "
+          "or the best probe where the channel has no gradient on that; "
           f"steps of {STEP_SIZE} x the probes' value span along grad / RMS(grad); L2 decay "
           f"{DECAY} towards the start's centre per step; [1,2,1]/4 blur every {BLUR_EVERY} "
           "steps; clipped to the probes' [min, max]; the best image seen is kept, the best "
@@ -293,6 +296,25 @@ def _ascend(x: Any, grad: Any, blur_now: Any, s: _Settings, centre: Any) -> Any:
     return ops.clip(x, s.low, s.high)
 
 
+def _probe_starts(probes: Any, means: list, masks: list) -> Any:
+    """``(batch, *input)``: per image, the probe that excites its channel most
+    (``means``: per tap, the probes' channel means, ``(probes, channels)``)."""
+    ops = keras.ops
+    scores = 0.0
+    for m, mask in zip(means, masks):
+        scores = scores + ops.matmul(mask, ops.transpose(m))  # (batch, probes)
+    return ops.take(probes, ops.argmax(scores, axis=1), axis=0)
+
+
+def _restart_silent(x: Any, grad: Any, probe_starts: Any) -> Any:
+    """Images whose channel gives the seed start no gradient at all (a ReLU
+    channel off everywhere on it) start from their best probe instead."""
+    ops = keras.ops
+    reduce = tuple(range(1, len(x.shape)))
+    silent = ops.max(ops.abs(grad), axis=reduce) == 0
+    return ops.where(ops.reshape(silent, (-1,) + (1,) * (len(x.shape) - 1)), probe_starts, x)
+
+
 def _keep_best(x: Any, value: Any, best_x: Any, best: Any) -> tuple[Any, Any]:
     ops = keras.ops
     better = value > best
@@ -335,12 +357,15 @@ def _compile_tf(extractor, axes, masks, s):
             x = _ascend(x, grad, (t + 1) % BLUR_EVERY == 0, s, centre)
             return t + 1, x, best_x, best
 
+        means = _channel_means(extractor(probes, training=False), axes)
+        _, grad = value_and_grad(start)
+        first = _restart_silent(start, grad, _probe_starts(probes, means, masks_t))
         lowest = tf.fill((s.start.shape[0],), float("-inf"))
         _, x, best_x, best = tf.while_loop(lambda t, *_: t < ITERATIONS, body,
-                                           (tf.constant(0), start, start, lowest))
+                                           (tf.constant(0), first, first, lowest))
         value = _objective(extractor(x, training=False), axes, masks_t)
         best_x, best = _keep_best(x, value, best_x, best)
-        return best_x, best, _channel_means(extractor(probes, training=False), axes)
+        return best_x, best, means
 
     return lambda probes: run(tf.constant(probes))
 
@@ -369,10 +394,13 @@ def _compile_jax(extractor, axes, masks, s):
             best_x, best = _keep_best(x, value, best_x, best)
             return _ascend(x, grad, (t + 1) % BLUR_EVERY == 0, s, centre), best_x, best
 
+        means = _channel_means(call(probes), axes)
+        _, grad = value_and_grad(start)
+        first = _restart_silent(start, grad, _probe_starts(probes, means, masks_j))
         lowest = jnp.full((s.start.shape[0],), -jnp.inf, dtype=jnp.float32)
-        x, best_x, best = jax.lax.fori_loop(0, ITERATIONS, body, (start, start, lowest))
+        x, best_x, best = jax.lax.fori_loop(0, ITERATIONS, body, (first, first, lowest))
         best_x, best = _keep_best(x, _objective(call(x), axes, masks_j), best_x, best)
-        return best_x, best, _channel_means(call(probes), axes)
+        return best_x, best, means
 
     compiled = jax.jit(run)
 
@@ -389,23 +417,31 @@ def _compile_torch(extractor, axes, masks, s):
         device = next((v.value.device for v in extractor.variables), "cpu")
         masks_t = [torch.tensor(m, device=device) for m in masks]
         centre = torch.tensor(s.centre, device=device)
-        x = torch.tensor(s.start, device=device)
-        best_x = x.clone()
-        best = torch.full((x.shape[0],), float("-inf"), device=device)
-        for t in range(ITERATIONS):
+        probes = torch.tensor(probes, device=device)
+
+        def value_and_grad(x):
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 value = _objective(extractor(x, training=False), axes, masks_t)
                 (grad,) = torch.autograd.grad(value.sum(), x)
+            return value.detach(), grad
+
+        with torch.no_grad():
+            means = _channel_means(extractor(probes, training=False), axes)
+        start = torch.tensor(s.start, device=device)
+        _, grad = value_and_grad(start)
+        with torch.no_grad():
+            x = _restart_silent(start, grad, _probe_starts(probes, means, masks_t))
+        best_x = x.clone()
+        best = torch.full((x.shape[0],), float("-inf"), device=device)
+        for t in range(ITERATIONS):
+            value, grad = value_and_grad(x)
             with torch.no_grad():
-                x = x.detach()
-                best_x, best = _keep_best(x, value.detach(), best_x, best)
+                best_x, best = _keep_best(x, value, best_x, best)
                 x = _ascend(x, grad, (t + 1) % BLUR_EVERY == 0, s, centre)
         with torch.no_grad():
             best_x, best = _keep_best(x, _objective(extractor(x, training=False), axes,
                                                     masks_t), best_x, best)
-            means = _channel_means(extractor(torch.tensor(probes, device=device),
-                                             training=False), axes)
         return best_x.cpu(), best.cpu(), [m.cpu() for m in means]
 
     return run

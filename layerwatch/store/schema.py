@@ -75,8 +75,10 @@ ANALYSIS_GRAMS = "analysis/gram"  #: group: one (G, n, n) float32 dataset per la
 FEATURES = "features"
 FEATURES_STEPS = "features/steps"            #: (F,) int64 step of each row; the commit index
 FEATURES_IMAGES = "features/images"          #: group: (F, channels, *input shape) float32 per layer
-FEATURES_ACTIVATION = "features/activation"  #: group: (F, channels) float32, each image's mean activation
-FEATURES_PROBE_BEST = "features/probe_best"  #: group: (F, channels) float32, the best probe's
+#: group: (F, channels) float32 per layer, the mean activation each image reaches
+FEATURES_ACTIVATION = "features/activation"
+#: group: (F, channels) float32 per layer, the highest of the probes' mean activations
+FEATURES_PROBE_BEST = "features/probe_best"
 #: on the features group: the schedule and the ascent's settings
 ATTR_FEATURES_EVERY = "every"
 ATTR_FEATURES_ITERATIONS = "iterations"
