@@ -125,6 +125,35 @@ def test_jax_recording_reads_the_train_loop_state_without_syncing_it(tmp_path, t
     np.testing.assert_allclose(rate, 0.001)  # Adam's default, read from the loop's state
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's jitted train step")
+def test_jax_probes_ride_in_the_train_step_compiled_once(tmp_path, tiny_data):
+    # The probes run inside the jitted train step (one dispatch a step, not
+    # three): compiled once for every fit, skipped in the same function at
+    # unrecorded steps, Keras' train function handed back after each fit.
+    from layerwatch.record.jax_fused import JaxFusedProbePass
+
+    x, y = tiny_data
+    model, reference = _model()
+    own = model
+    watch = LayerWatch(tmp_path / "run.h5", x[:3], every=3, budget=None)
+    during = _Reference(reference, x[:3])
+    for epochs in (2, 1):
+        model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, callbacks=[watch, during])
+        assert not isinstance(own.train_function, JaxFusedProbePass)
+    assert isinstance(watch._fusion, JaxFusedProbePass) and watch._fusion.traces == 1
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        steps = f["steps"][:].tolist()
+        recorded = f["activations/conv2"][:]
+        names = [n.decode() for n in f["metrics/batch/names"][:]]
+        rate = f["metrics/batch/values"][:, names.index("learning_rate")]
+    assert steps == [0, 3, 6, 9, 12, 15, 18]
+    for index, step in enumerate(steps[1:], start=1):
+        np.testing.assert_allclose(recorded[index], during.seen[step][1], atol=ATOL)
+    # Read in the same call at recorded steps (other steps log no learning rate).
+    np.testing.assert_allclose(rate[~np.isnan(rate)], 0.001)
+    assert np.count_nonzero(~np.isnan(rate)) >= len(steps) - 2
+
+
 def _finite_difference_saliency(model, probes, labels, eps=1e-2):
     """d model(x)[label] / dx by central differences, one batched call per side."""
     size = probes[0].size
@@ -300,6 +329,14 @@ def test_gradcam_and_occlusion_resume_with_every(tmp_path, tiny_data):
         assert f["occlusion/steps"][:].tolist() == [0, 4, 6, 10, 12]
         assert f["occlusion/values"].shape == (5, 2, 2, 2)
     assert steps == [0, 2, 4, 6, 8, 10, 12]
+    # `layerwatch info` says what the file holds beside the activations.
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "saliency: a map per probe at each of the 7 snapshots" in result.output
+    assert "grad-cam: at each snapshot, layers conv1" in result.output
+    assert "occlusion: 5 map set(s), steps 0..12; patch 4, stride 4, every 3 steps" \
+        in result.output
+    assert "features:" not in result.output
 
 
 @pytest.mark.skipif(BACKEND == "torch", reason="Keras refuses steps_per_execution > 1 on torch")
@@ -493,3 +530,6 @@ def test_features_beat_every_probe_at_the_final_step(tmp_path, tiny_data):
         own = means[np.arange(len(channels)), channels]
         np.testing.assert_allclose(own, stored, rtol=1e-4, atol=1e-5)
         assert (own > probe_means[i][:, channels].max(axis=0)).all(), key
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert "features: 3 set(s), steps 0..6; images per layer: conv1 (4), conv2 (4)" \
+        in result.output, result.output

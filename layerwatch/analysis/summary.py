@@ -54,6 +54,7 @@ def _lines(run: Run) -> list[str]:
             f"    {printable(layer.key):<{width}}  {layer.layer_class:<16} "
             f"{str(layer.shape):<16} {layer.activation:<10} {layer.dtype:<8} "
             f"recorded: {layer.tensor}")
+    lines.extend(_explanation_lines(run))
     lines.extend(_nonfinite_lines(run, steps))
     lines.extend(health_lines(run))
     for group in ("batch", "epoch"):
@@ -72,6 +73,30 @@ def _lines(run: Run) -> list[str]:
     stored_as = dtypes[0] if len(dtypes) == 1 else " and ".join(dtypes) + " by layer"
     lines.append(f"  size on disk: {format_bytes(size)} (activations {format_bytes(stored)}"
                  f"{ratio}, stored as {stored_as})")
+    return lines
+
+
+def _explanation_lines(run: Run) -> list[str]:
+    """What the run holds beside the activations: saliency, Grad-CAM, occlusion,
+    feature images (one line each, only those recorded)."""
+    lines = []
+    if run.has_saliency:
+        lines.append(f"  saliency: a map per probe at each of the {run.num_snapshots} "
+                     "snapshots (d output at the label / d input)")
+    if run.has_gradcam:
+        keys = ", ".join(printable(k) for k in run.gradcam_layers)
+        lines.append(f"  grad-cam: at each snapshot, layers {keys}")
+    if run.has_occlusion:
+        steps, settings = run.occlusion_steps, run.occlusion_settings or {}
+        at = f"steps {steps[0]}..{steps[-1]}" if len(steps) else "none committed"
+        lines.append(f"  occlusion: {len(steps)} map set(s), {at}; patch "
+                     f"{settings.get('patch', '?')}, stride {settings.get('stride', '?')}, "
+                     f"every {settings.get('every', '?')} steps")
+    if run.has_features:
+        steps, keys = run.feature_steps, run.feature_layers
+        at = f"steps {steps[0]}..{steps[-1]}" if len(steps) else "none committed"
+        counts = ", ".join(f"{printable(k)} ({len(run.feature_channels(k))})" for k in keys)
+        lines.append(f"  features: {len(steps)} set(s), {at}; images per layer: {counts}")
     return lines
 
 

@@ -29,7 +29,7 @@ from .budget import DISK_BUDGET, CostMeter, Verdict, over_budget, over_disk, sna
 from .chief import env_is_chief, is_chief
 from .extractor import LayerSelector, Tap
 from .features import FeatureAscent, check_features, features_due
-from .fused import DeferredSnapshot, FusedProbePass, can_fuse
+from .fused import DeferredSnapshot, Fused, can_fuse, fused_pass
 from .jax_state import JaxState
 from .occlusion import DEFAULT_PATCH, check_occlusion_options
 from .options import check_analysis_probes, check_every, check_path, check_recording_options
@@ -239,7 +239,7 @@ class LayerWatch(keras.callbacks.Callback):
         self._last_features: int | None = None
         self._probes: ProbePass | None = None      # built once per model
         self._jax_state: JaxState | None = None     # on JAX, for the learning rate
-        self._fusion: FusedProbePass | None = None  # built once, reused by later fits
+        self._fusion: Fused | None = None  # built once, reused by later fits
         self._deferred: DeferredSnapshot | None = None  # this fit's fused snapshots
         self._steps: StepCounter | None = None
         self._step_values: StepValues | None = None
@@ -289,7 +289,8 @@ class LayerWatch(keras.callbacks.Callback):
         # Measured once per callback: a resumed or repeated fit() warns no more.
         self._meter = CostMeter() if self.budget is not None and not self._budget_checked \
             else None
-        if not read_every_step and can_fuse(model):
+        if not read_every_step and can_fuse(model, self._probes.recorder,
+                                            gradients=self._probes.has_gradients):
             self._deferred = DeferredSnapshot(self._fused_pass(model, first))
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -455,16 +456,16 @@ class LayerWatch(keras.callbacks.Callback):
         self._writer.add_occlusion(step, self._probes.occlusion())
         self._last_occlusion = step
 
-    def _fused_pass(self, model: keras.Model, like: list[np.ndarray]) -> FusedProbePass:
+    def _fused_pass(self, model: keras.Model, like: list[np.ndarray]) -> Fused:
         """The fused train function, installed: built once, rebuilt if the model changed.
 
         ``like`` is a snapshot (:meth:`_snapshot`), for the shapes it hands back."""
         fusion = self._fusion
         if fusion is None or fusion.recorder is not self._probes.recorder \
                 or not fusion.install():
-            fusion = self._fusion = FusedProbePass(model, self._probes.recorder,
-                                                   self._probes.feed, like,
-                                                   saliency=self._probes.saliency_graph)
+            fusion = self._fusion = fused_pass(model, self._probes.recorder,
+                                               self._probes.feed, like,
+                                               saliency=self._probes.saliency_graph)
             fusion.install()
         return fusion
 

@@ -28,34 +28,93 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import keras
+import numpy as np
 
 
-def can_fuse(model: keras.Model) -> bool:
+def can_fuse(model: keras.Model, recorder: keras.Model | None = None, *,
+             gradients: bool = False) -> bool:
     """Whether the probe pass can ride along with ``model``'s train steps.
 
-    Not when another recorder's fused step is in place already (two
-    LayerWatch callbacks on one model: the second uses a separate pass).
+    TensorFlow: one replica, one step per execution, Keras' ``_make_function``
+    there. JAX (:mod:`~layerwatch.record.jax_fused`): a jitted train step, one
+    step per execution, no distribution, a ``recorder`` whose variables are all
+    the model's, and no saliency or Grad-CAM (``gradients``), which JAX
+    computes in a separate call. Not when another recorder's fused step is in
+    place already (two LayerWatch callbacks on one model: the second uses a
+    separate pass).
     """
-    if keras.backend.backend() != "tensorflow" or \
-            isinstance(getattr(model, "train_function", None), FusedProbePass):
+    train_function = getattr(model, "train_function", None)
+    if train_function is None or isinstance(train_function, Fused) \
+            or getattr(model, "steps_per_execution", 1) != 1:
+        return False
+    backend = keras.backend.backend()
+    if backend == "jax":
+        from .jax_fused import can_fuse_jax
+
+        return not gradients and recorder is not None and can_fuse_jax(model, recorder)
+    if backend != "tensorflow":
         return False
     strategy = getattr(model, "distribute_strategy", None)
-    return (getattr(model, "train_function", None) is not None
-            and callable(getattr(model, "_make_function", None))
-            and getattr(model, "steps_per_execution", 1) == 1
+    return (callable(getattr(model, "_make_function", None))
             and getattr(strategy, "num_replicas_in_sync", 1) == 1)
 
 
-class FusedProbePass:
-    """A fused train function for ``model``, put in place by :meth:`install`
-    (each fit) and taken out by :meth:`restore`.
+def fused_pass(model: keras.Model, recorder: keras.Model, probes: Any, like: list,
+               saliency: Callable[[Any], Any] | None = None) -> "Fused":
+    """This backend's fused train function (see :func:`can_fuse`), not yet installed."""
+    if keras.backend.backend() == "jax":
+        from .jax_fused import JaxFusedProbePass
 
-    While installed, set :attr:`wanted` and the next train call runs the fused
-    function; :meth:`take` then returns its probe activations (NumPy arrays,
-    one per output of ``recorder``, then the saliency maps if ``saliency`` was
-    given) and the learning rate, or None if no fused
-    call ran since. Built
-    once and reused by later fits, so it is traced once.
+        return JaxFusedProbePass(model, recorder, probes, like)
+    return FusedProbePass(model, recorder, probes, like, saliency=saliency)
+
+
+class Fused:
+    """What the fused train functions of every backend share: put in place by
+    :meth:`install` (each fit), taken out by :meth:`restore`; set
+    :attr:`wanted` and the next train call runs the probes, whose outputs
+    :meth:`take` then returns. Subclasses build ``_fused`` and ``__call__``."""
+
+    def __init__(self, model: keras.Model, recorder: keras.Model):
+        self._model = model
+        self.recorder = recorder
+        self._plain = model.train_function
+        #: How often the fused step was traced (1 unless batch shapes change).
+        self.traces = 0
+        self._outputs: tuple | None = None
+        self.wanted = False
+
+    def install(self) -> bool:
+        """Wrap the model's train function. False if it is no longer the one
+        this was built beside (the model was compiled again): build anew then."""
+        if self._model.train_function is not self._plain:
+            return False
+        self._model.train_function = self
+        return True
+
+    def take(self) -> tuple[list, float | None] | None:
+        """(probe activations, learning rate or None) of the last fused call,
+        NumPy arrays; None if no fused call ran since."""
+        taken, self._outputs = self._outputs, None
+        if taken is None:
+            return None
+        outputs, rate = taken
+        rate = float(np.asarray(rate))
+        return [np.asarray(o) for o in outputs], (None if rate != rate else rate)
+
+    def restore(self) -> None:
+        """Give the model back its own train function."""
+        if self._model.train_function is self:
+            self._model.train_function = self._plain
+        self.wanted, self._outputs = False, None
+
+
+class FusedProbePass(Fused):
+    """TensorFlow's fused train function for ``model``.
+
+    :meth:`take` returns the probe activations (one per output of
+    ``recorder``, then the saliency maps if ``saliency`` was given) and the
+    learning rate. Built once and reused by later fits, so it is traced once.
     """
 
     def __init__(self, model: keras.Model, recorder: keras.Model, probes: Any,
@@ -64,9 +123,7 @@ class FusedProbePass:
         saliency maps), for the shapes and dtypes of the skipped branch."""
         import tensorflow as tf
 
-        self._model = model
-        self.recorder = recorder
-        self._plain = model.train_function
+        super().__init__(model, recorder)
         constant = tf.nest.map_structure(tf.constant, probes)  # an array, or one per input
         # Under XLA both branches of a cond have one static shape: the skipped
         # branch returns zeros of the full shape. Otherwise empty tensors (no
@@ -102,19 +159,7 @@ class FusedProbePass:
             rate = tf.constant(float("nan")) if rate is None else tf.cast(rate, tf.float32)
             return model.train_step(data), (outputs, rate)
 
-        #: How often the fused step was traced (1 unless batch shapes change).
-        self.traces = 0
         self._fused = model._make_function(step)
-        self._outputs: tuple | None = None
-        self.wanted = False
-
-    def install(self) -> bool:
-        """Wrap the model's train function. False if it is no longer the one
-        this was built beside (the model was compiled again): build anew then."""
-        if self._model.train_function is not self._plain:
-            return False
-        self._model.train_function = self
-        return True
 
     def __call__(self, iterator):
         wanted, self.wanted = self.wanted, False
@@ -126,22 +171,6 @@ class FusedProbePass:
             self._outputs = outputs
         return logs
 
-    def take(self) -> tuple[list, float | None] | None:
-        """(probe activations, learning rate or None) of the last fused call."""
-        taken, self._outputs = self._outputs, None
-        if taken is None:
-            return None
-        outputs, rate = taken
-        rate = float(rate.numpy())
-        return [o.numpy() for o in outputs], (None if rate != rate else rate)
-
-    def restore(self) -> None:
-        """Give the model back its own train function."""
-        if self._model.train_function is self:
-            self._model.train_function = self._plain
-        self.wanted, self._outputs = False, None
-
-
 
 class DeferredSnapshot:
     """The snapshot of step ``k``, which the fused train call of step ``k + 1`` computes.
@@ -151,7 +180,7 @@ class DeferredSnapshot:
     hands it back with the activations that call computed.
     """
 
-    def __init__(self, fused: FusedProbePass):
+    def __init__(self, fused: Fused):
         self.fused = fused
         self._held: tuple[int, int, list | None, dict] | None = None
 

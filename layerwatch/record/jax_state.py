@@ -48,18 +48,12 @@ class JaxState:
         """A function giving ``sub``'s (trainable, non-trainable) values now, in
         ``sub``'s own variable order; None if ``sub`` holds a variable the model
         does not."""
-        model = self.model
-        where = {id(v): (0, i) for i, v in enumerate(model.trainable_variables)}
-        where.update({id(v): (1, i) for i, v in enumerate(model.non_trainable_variables)})
-        try:
-            picks = [[where[id(v)] for v in sub.trainable_variables],
-                     [where[id(v)] for v in sub.non_trainable_variables]]
-        except KeyError:
+        picks = variable_picks(self.model, sub)
+        if picks is None:
             return None
 
         def current():
-            values = self.values()
-            return ([values[k][i] for k, i in picks[0]], [values[k][i] for k, i in picks[1]])
+            return picked(self.values(), picks)
         return current
 
     def function(self, sub: keras.Model) -> Callable[[Any], Any]:
@@ -107,3 +101,25 @@ class JaxState:
                     return keras.ops.cast(optimizer.learning_rate, "float32")
             self._rate = jax.jit(rate)
         return float(self._rate(self.values()[2]))
+
+
+Picks = tuple[list[tuple[int, int]], list[tuple[int, int]]]
+
+
+def variable_picks(model: keras.Model, sub: keras.Model) -> Picks | None:
+    """Where ``sub``'s trainable and non-trainable variables sit in ``model``'s
+    (which list: 0 trainable, 1 non-trainable; the index in it); None if
+    ``sub`` holds a variable the model does not."""
+    where = {id(v): (0, i) for i, v in enumerate(model.trainable_variables)}
+    where.update({id(v): (1, i) for i, v in enumerate(model.non_trainable_variables)})
+    try:
+        return ([where[id(v)] for v in sub.trainable_variables],
+                [where[id(v)] for v in sub.non_trainable_variables])
+    except KeyError:
+        return None
+
+
+def picked(values: Any, picks: Picks) -> tuple[list, list]:
+    """``sub``'s (trainable, non-trainable) values out of the model's
+    ``values`` = (trainable, non-trainable, …), by :func:`variable_picks`."""
+    return ([values[k][i] for k, i in picks[0]], [values[k][i] for k, i in picks[1]])

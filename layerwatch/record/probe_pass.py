@@ -127,6 +127,11 @@ class ProbePass:
         return tuple(self.inputs[0].shape[1:]) if self._with_saliency else None
 
     @property
+    def has_gradients(self) -> bool:
+        """Whether a snapshot holds saliency or Grad-CAM maps after the activations."""
+        return self._gradients is not None
+
+    @property
     def count(self) -> int:
         """How many probes there are."""
         return len(self.inputs[0])

@@ -1,0 +1,95 @@
+"""The probe pass inside JAX's jitted train step.
+
+On JAX, Keras' train function is a ``jax.jit`` of ``train_step(state, data)``
+over the train loop's functional state. :class:`JaxFusedProbePass` jits a step
+that also runs the recorder with ``stateless_call`` on the trainable and
+non-trainable values the step starts from (inference mode), and reads the
+learning rate from the optimizer's values at that state: one dispatch per
+step instead of the train step, a separate probe call and a learning-rate read.
+As on TensorFlow (:mod:`~layerwatch.record.fused`), the probes run under a
+``lax.cond`` on an argument, so a step that records nothing skips them in the
+same compiled function, compiled once; and the snapshot asked for at step
+``s``'s batch end is computed by the next train call.
+
+Not used (:func:`can_fuse_jax`) under a ``keras.distribution`` (the state is
+sharded), without ``jit_compile`` or with ``run_eagerly``, when the recorder
+holds a variable the model does not, or with saliency / Grad-CAM, which JAX
+computes in their own jitted call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from .fused import Fused
+from .jax_state import picked, variable_picks
+
+
+def can_fuse_jax(model: keras.Model, recorder: keras.Model) -> bool:
+    """Whether :class:`JaxFusedProbePass` can replace ``model``'s train function."""
+    from keras import distribution
+
+    return (getattr(model, "jit_compile", False) and not getattr(model, "run_eagerly", False)
+            and distribution.distribution() is None
+            and callable(getattr(model, "train_step", None))
+            and variable_picks(model, recorder) is not None)
+
+
+class JaxFusedProbePass(Fused):
+    """JAX's fused train function for ``model``: ``(state, iterator) -> (logs, state)``,
+    like the one Keras builds with one step per execution.
+
+    :meth:`take` returns the probe activations (one per output of
+    ``recorder``) and the learning rate. Built once and reused by later fits.
+    """
+
+    def __init__(self, model: keras.Model, recorder: keras.Model, probes: Any, like: list):
+        """``like``: one snapshot as the probe pass returns it, for the shapes and
+        dtypes of the skipped branch (zeros: both branches of a ``lax.cond``
+        have one shape)."""
+        import jax
+        import jax.numpy as jnp
+
+        super().__init__(model, recorder)
+        picks = variable_picks(model, recorder)
+        shapes = [(tuple(a.shape), a.dtype) for a in like]
+        optimizer = getattr(model, "optimizer", None)
+        optimizer_variables = list(optimizer.variables) if optimizer is not None else []
+        train_step = model.train_step
+
+        def probe(values, feed):
+            trainable, non_trainable = picked(values, picks)
+            outputs, _ = recorder.stateless_call(trainable, non_trainable, feed, training=False)
+            return tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
+
+        def skip(values, feed):
+            return tuple(jnp.zeros(shape, dtype) for shape, dtype in shapes)
+
+        def rate_at(optimizer_values):
+            if getattr(optimizer, "learning_rate", None) is None:
+                return jnp.float32(float("nan"))
+            mapping = list(zip(optimizer_variables, optimizer_values))
+            with keras.StatelessScope(state_mapping=mapping):
+                return keras.ops.cast(optimizer.learning_rate, "float32")
+
+        def step(state, data, wanted, feed):
+            self.traces += 1  # Python runs here only while JAX traces
+            # Read before the update, on the values the step starts from.
+            outputs = jax.lax.cond(wanted, probe, skip, state, feed)
+            rate = rate_at(state[2])
+            logs, state = train_step(state, data)
+            return logs, state, (outputs, rate)
+
+        self._fused = jax.jit(step, donate_argnums=0)
+        self._feed = jax.tree_util.tree_map(jnp.asarray, probes)
+        self._flags = (jnp.asarray(False), jnp.asarray(True))
+
+    def __call__(self, state, iterator):
+        wanted, self.wanted = self.wanted, False
+        logs, state, outputs = self._fused(state, next(iterator), self._flags[wanted],
+                                           self._feed)
+        if wanted:
+            self._outputs = outputs
+        return logs, state
