@@ -598,6 +598,23 @@ def test_a_run_planned_past_the_disk_budget_warns_once_with_what_fits(tmp_path, 
     assert "layers= without c2, c1" in messages[0] or "layers= without c1, c2" in messages[0]
 
 
+def test_the_disk_plan_counts_occlusion_and_feature_images(tmp_path, tiny_data):
+    # Activations alone fit the budget; the coarse schedules' maps and images do not.
+    x, y = tiny_data
+    options = dict(budget=None, max_channels=1, layers=["c1"])
+    model = tanh_relu_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no disk warning without them
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[
+            LayerWatch(tmp_path / "plain.h5", x[:3], disk_budget=3_000, **options)])
+    model = tanh_relu_model()
+    with pytest.warns(RuntimeWarning, match=r"plus \d+(\.\d+)? kB of analysis Grams and "
+                                            r"explanation maps \(uncompressed\)"):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[
+            LayerWatch(tmp_path / "run.h5", x[:3], y[:3], disk_budget=3_000,
+                       occlusion_every=1, occlusion_patch=2, features_every=1, **options)])
+
+
 def test_every_auto_thins_recording_to_the_disk_budget(tmp_path, tiny_data):
     x, y = tiny_data
     model = tanh_relu_model()

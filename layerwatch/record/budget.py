@@ -143,8 +143,9 @@ def over_disk(*, per_layer: Sequence[int], names: Sequence[str], channels: Seque
               extra: int = 0) -> Verdict | None:
     """A :class:`Verdict` when ``snapshots`` snapshots of ``per_layer`` bytes
     each would write more than ``budget`` bytes or more than ``free`` bytes
-    (the space left on the file's disk), ``extra`` bytes (the analysis Grams)
-    counted beside them; None when they fit.
+    (the space left on the file's disk), ``extra`` bytes (analysis Grams,
+    saliency, Grad-CAM, occlusion and feature images) counted beside them;
+    None when they fit.
 
     The advice keeps every ``every`` steps' worth of snapshots in view: the
     ``every`` that fits, ``max_channels`` that fits at the current ``every``,
@@ -178,8 +179,10 @@ def over_disk(*, per_layer: Sequence[int], names: Sequence[str], channels: Seque
                   + f" ({format_bytes(sum(size for size, _ in biggest))} of the "
                   f"{format_bytes(per_snapshot)} per snapshot)")
     silence = "; disk_budget=None lifts the budget" if limit == budget else ""
+    besides = (f", plus {format_bytes(extra)} of analysis Grams and explanation maps "
+               "(uncompressed)") if extra else ""
     message = (f"layerwatch: this run would write about {format_bytes(planned)} "
                f"({snapshots} snapshots of {format_bytes(per_snapshot)}, measured on the first "
-               f"one), more than {named}. {'; or '.join(advice)} would fit "
+               f"one{besides}), more than {named}. {'; or '.join(advice)} would fit "
                f"(every='auto' picks every{silence}).")
     return Verdict(every=fitting, message=message)

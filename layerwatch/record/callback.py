@@ -616,11 +616,29 @@ class LayerWatch(keras.callbacks.Callback):
             extra += saliency.nbytes * (planned // self.every + 2)
         for h, w in self._probes.gradcam_shapes.values():  # likewise
             extra += self._probes.count * h * w * 4 * (planned // self.every + 2)
+        extra += self._explanation_bytes(planned)
         self._follow(over_disk(
             per_layer=snapshot_bytes(first, self.compression),
             names=[tap.key for tap in self._probes.taps], channels=self._probes.kept_channels,
             snapshots=planned // self.every + 2, every=self.every,
             budget=self.disk_budget, free=free, extra=extra))
+
+    def _explanation_bytes(self, planned: int) -> int:
+        """Bytes the coarse schedules will add over ``planned`` steps, float32,
+        uncompressed (an upper bound): occlusion maps (probes × grid) every
+        ``occlusion_every`` steps, feature images with their two values per
+        image every ``features_every``; each also at the first and final step."""
+        total = 0
+        occlusion = self._probes.occlusion
+        if occlusion is not None:
+            rows = planned // self.occlusion_every + 2
+            total += self._probes.count * int(np.prod(occlusion.grid)) * 4 * rows
+        if self._features is not None:
+            spec = self._features.spec
+            images = sum(len(c) for c in spec.channels.values())
+            per_image = int(np.prod(spec.input_shape)) + 2  # the image, its activation, best probe
+            total += images * per_image * 4 * (planned // self.features_every + 2)
+        return total
 
     def _stop_recording(self, exc: BaseException) -> None:
         self._failed = True

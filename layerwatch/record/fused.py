@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import keras
-import numpy as np
 
 
 def can_fuse(model: keras.Model, recorder: keras.Model | None = None, *,
@@ -99,8 +98,9 @@ class Fused:
         if taken is None:
             return None
         outputs, rate = taken
-        rate = float(np.asarray(rate))
-        return [np.asarray(o) for o in outputs], (None if rate != rate else rate)
+        to_numpy = keras.ops.convert_to_numpy  # a TensorFlow or JAX array
+        rate = float(to_numpy(rate))
+        return [to_numpy(o) for o in outputs], (None if rate != rate else rate)
 
     def restore(self) -> None:
         """Give the model back its own train function."""
