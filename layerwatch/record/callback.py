@@ -280,7 +280,7 @@ class LayerWatch(keras.callbacks.Callback):
         self._open_writer(model, self._split(first)[0], step)
         _open_writers.add(self._writer)
         if not self._disk_checked:  # once per callback, like the time budget
-            self._check_disk(*self._split(first))
+            self._check_disk(self._split(first)[0])
             self._disk_checked = True
         if self._last_step != step:
             self._record(step, first, self._analysis_grams(step))
@@ -598,7 +598,7 @@ class LayerWatch(keras.callbacks.Callback):
         else:
             warnings.warn(verdict.message, RuntimeWarning, stacklevel=4)
 
-    def _check_disk(self, first: list[np.ndarray], saliency: np.ndarray | None = None) -> None:
+    def _check_disk(self, first: list[np.ndarray]) -> None:
         """Warn once (or, with every="auto", record less often) when the planned
         run would write more than ``disk_budget`` or than the disk has free."""
         params = self.params or {}
@@ -612,10 +612,6 @@ class LayerWatch(keras.callbacks.Callback):
         planned = int(epochs) * int(steps)
         n = self._probes.analysis_count  # analysis Grams: n×n float32 per layer, as written
         extra = n * n * 4 * len(first) * (planned // self.analysis_every + 2) if n else 0
-        if saliency is not None:  # float32, counted uncompressed (an upper bound)
-            extra += saliency.nbytes * (planned // self.every + 2)
-        for h, w in self._probes.gradcam_shapes.values():  # likewise
-            extra += self._probes.count * h * w * 4 * (planned // self.every + 2)
         extra += self._explanation_bytes(planned)
         self._follow(over_disk(
             per_layer=snapshot_bytes(first, self.compression),
@@ -624,15 +620,21 @@ class LayerWatch(keras.callbacks.Callback):
             budget=self.disk_budget, free=free, extra=extra))
 
     def _explanation_bytes(self, planned: int) -> int:
-        """Bytes the coarse schedules will add over ``planned`` steps, float32,
-        uncompressed (an upper bound): occlusion maps (probes × grid) every
-        ``occlusion_every`` steps, feature images with their two values per
-        image every ``features_every``; each also at the first and final step."""
-        total = 0
-        occlusion = self._probes.occlusion
+        """Bytes the explanations will add over ``planned`` steps, float32,
+        uncompressed (an upper bound): saliency and Grad-CAM maps at every
+        snapshot, occlusion maps (probes × grid) every ``occlusion_every``
+        steps, feature images with their two values per image every
+        ``features_every``; each also at the first and final step."""
+        probes = self._probes
+        per_snapshot = 0
+        if probes.saliency_shape is not None:
+            per_snapshot += int(np.prod(probes.saliency_shape))
+        per_snapshot += sum(h * w for h, w in probes.gradcam_shapes.values())
+        total = probes.count * per_snapshot * 4 * (planned // self.every + 2)
+        occlusion = probes.occlusion
         if occlusion is not None:
             rows = planned // self.occlusion_every + 2
-            total += self._probes.count * int(np.prod(occlusion.grid)) * 4 * rows
+            total += probes.count * int(np.prod(occlusion.grid)) * 4 * rows
         if self._features is not None:
             spec = self._features.spec
             images = sum(len(c) for c in spec.channels.values())

@@ -24,7 +24,7 @@ from typing import Any
 import keras
 
 from .fused import Fused
-from .jax_state import picked, variable_picks
+from .jax_state import learning_rate_at, picked, variable_picks
 
 
 def can_fuse_jax(model: keras.Model, recorder: keras.Model) -> bool:
@@ -56,7 +56,6 @@ class JaxFusedProbePass(Fused):
         picks = variable_picks(model, recorder)
         shapes = [(tuple(a.shape), a.dtype) for a in like]
         optimizer = getattr(model, "optimizer", None)
-        optimizer_variables = list(optimizer.variables) if optimizer is not None else []
         train_step = model.train_step
 
         def probe(values, feed):
@@ -70,9 +69,7 @@ class JaxFusedProbePass(Fused):
         def rate_at(optimizer_values):
             if getattr(optimizer, "learning_rate", None) is None:
                 return jnp.float32(float("nan"))
-            mapping = list(zip(optimizer_variables, optimizer_values))
-            with keras.StatelessScope(state_mapping=mapping):
-                return keras.ops.cast(optimizer.learning_rate, "float32")
+            return learning_rate_at(optimizer, optimizer_values)
 
         def step(state, data, wanted, feed):
             self.traces += 1  # Python runs here only while JAX traces

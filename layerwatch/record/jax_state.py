@@ -94,12 +94,7 @@ class JaxState:
         if self._rate is None:
             import jax
 
-            variables = list(optimizer.variables)
-
-            def rate(values):
-                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                    return keras.ops.cast(optimizer.learning_rate, "float32")
-            self._rate = jax.jit(rate)
+            self._rate = jax.jit(lambda values: learning_rate_at(optimizer, values))
         return float(self._rate(self.values()[2]))
 
 
@@ -123,3 +118,11 @@ def picked(values: Any, picks: Picks) -> tuple[list, list]:
     """``sub``'s (trainable, non-trainable) values out of the model's
     ``values`` = (trainable, non-trainable, …), by :func:`variable_picks`."""
     return ([values[k][i] for k, i in picks[0]], [values[k][i] for k, i in picks[1]])
+
+
+def learning_rate_at(optimizer: Any, values: list) -> Any:
+    """The optimizer's learning rate (float32) with its variables at ``values``
+    (a schedule evaluated at that state's step); traceable under ``jax.jit``."""
+    mapping = list(zip(optimizer.variables, values))
+    with keras.StatelessScope(state_mapping=mapping):
+        return keras.ops.cast(optimizer.learning_rate, "float32")
