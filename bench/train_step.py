@@ -93,7 +93,7 @@ def run(args) -> int:
     if not can_fuse(model):
         print("this model's train function cannot carry the probe pass", file=sys.stderr)
         return 2
-    extractor, _ = build_extractor(model, None, input_spec(model, [probes]))
+    extractor, _, _ = build_extractor(model, None, input_spec(model, [probes]))
     recorder = cast_outputs(extractor, "float16")  # as LayerWatch stores tanh layers
     feed = np.asarray(probes, dtype=np.float32)
     like = [np.asarray(a) for a in recorder.predict_on_batch(feed)]  # the shapes handed back

@@ -11,6 +11,7 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from layerwatch import LayerWatch, render  # noqa: E402
+from layerwatch.record.fused import FusedProbePass  # noqa: E402
 from layerwatch.store import AppendError, open_run  # noqa: E402
 
 
@@ -66,6 +67,36 @@ def test_saliency_matches_a_gradient_tape_at_first_and_last_step(tmp_path, label
         assert run.has_saliency
         np.testing.assert_array_equal(run.saliency(-1), saliency[-1])
         assert len(list(run.iter_saliency())) == len(steps)
+
+
+class _TapeEveryStep(keras.callbacks.Callback):
+    """The reference: a GradientTape at every batch end, on that step's weights."""
+
+    def __init__(self, probes, labels):
+        super().__init__()
+        self.probes, self.labels, self.maps = probes, labels, {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        self.maps[step] = _tape(self.model, self.probes, self.labels)
+
+
+def test_saliency_inside_the_train_step_matches_a_gradient_tape_at_every_step(tmp_path):
+    # Steps between the first and the last are computed inside the fused train
+    # step, from the forward pass that also gives the activations.
+    model = _model()
+    x, y = _data()
+    probes, labels = x[:3], y[:3]
+    reference = _TapeEveryStep(probes, labels)
+    watch = LayerWatch(tmp_path / "run.h5", probes, labels, saliency=True, budget=None)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[reference, watch])
+    assert isinstance(watch._fusion, FusedProbePass), "the fused train step was not used"
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        saliency, steps = f["saliency"][:], f["steps"][:]
+    scale = max(np.abs(m).max() for m in reference.maps.values())
+    for row, step in zip(saliency[1:], steps[1:]):
+        np.testing.assert_allclose(row, reference.maps[int(step)], atol=1e-5 * scale,
+                                   err_msg=f"step {step}")
 
 
 def test_render_writes_saliency_gif_with_a_frame_per_snapshot(tmp_path):

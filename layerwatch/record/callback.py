@@ -465,7 +465,7 @@ class LayerWatch(keras.callbacks.Callback):
                 or not fusion.install():
             fusion = self._fusion = fused_pass(model, self._probes.recorder,
                                                self._probes.feed, like,
-                                               saliency=self._probes.saliency_graph)
+                                               graph=self._probes.fused_graph)
             fusion.install()
         return fusion
 

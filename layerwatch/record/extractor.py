@@ -241,8 +241,11 @@ def input_spec(model: keras.Model, probes: Sequence[np.ndarray]
 
 def build_extractor(model: keras.Model, layers: LayerSelector,
                     specs: Sequence[tuple[tuple[Any, ...], str]]
-                    ) -> tuple[keras.Model, list[Tap]]:
-    """A model from the probe inputs to each recorded tensor, and what it taps.
+                    ) -> tuple[keras.Model, list[Tap], Any]:
+    """A model from the probe inputs to each recorded tensor, what it taps, and
+    the model's (first) output in the same symbolic graph: a model from the
+    extractor's inputs to its outputs and that one computes both in one forward
+    pass (what saliency differentiates: :mod:`~layerwatch.record.probe_pass`).
 
     ``specs`` are the inputs' (shape, dtype) (:func:`input_spec`). For a conv
     layer with a linear activation whose output feeds only a standalone
@@ -266,9 +269,11 @@ def build_extractor(model: keras.Model, layers: LayerSelector,
         calls.append((layer, ids, out))
 
     if is_graph_model(model):
-        _trace(model, feed, on_call)
+        final = _trace(model, feed, on_call)
     else:
-        _Capture.run(model, feed, on_call, wanted={id(layer) for _, layer in selected})
+        final = _Capture.run(model, feed, on_call, wanted={id(layer) for _, layer in selected})
+    while isinstance(final, (list, tuple)):  # several outputs: the first
+        final = final[0]
 
     consumers: dict[int, list[int]] = {}
     for index, (_, ids, _) in enumerate(calls):
@@ -306,7 +311,7 @@ def build_extractor(model: keras.Model, layers: LayerSelector,
             f"None of the layers chosen in model '{model.name}' runs on the probes, so there "
             "is nothing to record. Choose layers with layers=.")
     extractor = keras.Model(feed, outputs, name=f"{model.name}_layerwatch")
-    return extractor, taps
+    return extractor, taps, final
 
 
 class _Capture(keras.layers.Layer):
@@ -397,7 +402,7 @@ def _unique_key(key: str, used: set[str]) -> str:
     return candidate
 
 
-def _inputs_of(extractor: keras.Model):
+def inputs_of(extractor: keras.Model):
     """The extractor's input, or its list of inputs (a multi-input model)."""
     inputs = extractor.inputs
     return inputs[0] if len(inputs) == 1 else list(inputs)
@@ -414,7 +419,7 @@ def build_gram_extractor(extractor: keras.Model) -> keras.Model:
     for out in extractor.outputs:
         flat = keras.ops.reshape(keras.ops.cast(out, "float32"), (-1, _features(out)))
         grams.append(keras.ops.matmul(flat, keras.ops.transpose(flat)))
-    return keras.Model(_inputs_of(extractor), grams, name=f"{extractor.name}_gram")
+    return keras.Model(inputs_of(extractor), grams, name=f"{extractor.name}_gram")
 
 
 def _features(tensor) -> int:
@@ -437,7 +442,7 @@ def select_channels(extractor: keras.Model, channels: Sequence[Sequence[int] | N
         if keep is not None:
             out = keras.ops.take(out, keras.ops.convert_to_tensor(list(keep), "int32"), axis=axis)
         outputs.append(out)
-    return keras.Model(_inputs_of(extractor), outputs, name=f"{extractor.name}_channels")
+    return keras.Model(inputs_of(extractor), outputs, name=f"{extractor.name}_channels")
 
 
 #: The largest finite float16.
@@ -458,7 +463,7 @@ def cast_outputs(extractor: keras.Model, dtype: str | Sequence[str]) -> keras.Mo
         return extractor
     outputs = [_cast(out, d) for out, d in zip(extractor.outputs, dtypes)]
     name = dtypes[0] if len(set(dtypes)) == 1 else "mixed"
-    return keras.Model(_inputs_of(extractor), outputs, name=f"{extractor.name}_{name}")
+    return keras.Model(inputs_of(extractor), outputs, name=f"{extractor.name}_{name}")
 
 
 def _cast(tensor, dtype: str):

@@ -59,13 +59,16 @@ def can_fuse(model: keras.Model, recorder: keras.Model | None = None, *,
 
 
 def fused_pass(model: keras.Model, recorder: keras.Model, probes: Any, like: list,
-               saliency: Callable[[Any], Any] | None = None) -> "Fused":
-    """This backend's fused train function (see :func:`can_fuse`), not yet installed."""
+               graph: Callable[[Any], tuple] | None = None) -> "Fused":
+    """This backend's fused train function (see :func:`can_fuse`), not yet installed.
+
+    ``graph`` (TensorFlow): what the step runs on the probes, when more than
+    ``recorder`` (:attr:`~layerwatch.record.probe_pass.ProbePass.fused_graph`)."""
     if keras.backend.backend() == "jax":
         from .jax_fused import JaxFusedProbePass
 
         return JaxFusedProbePass(model, recorder, probes, like)
-    return FusedProbePass(model, recorder, probes, like, saliency=saliency)
+    return FusedProbePass(model, recorder, probes, like, graph=graph)
 
 
 class Fused:
@@ -112,15 +115,17 @@ class Fused:
 class FusedProbePass(Fused):
     """TensorFlow's fused train function for ``model``.
 
-    :meth:`take` returns the probe activations (one per output of
-    ``recorder``, then the saliency maps if ``saliency`` was given) and the
-    learning rate. Built once and reused by later fits, so it is traced once.
+    :meth:`take` returns what ``graph`` gives (by default one array per
+    output of ``recorder``; with saliency or Grad-CAM, their maps after them)
+    and the learning rate. Built once and reused by later fits, so it is
+    traced once.
     """
 
     def __init__(self, model: keras.Model, recorder: keras.Model, probes: Any,
-                 like: list, saliency: Callable[[Any], Any] | None = None):
+                 like: list, graph: Callable[[Any], tuple] | None = None):
         """``like``: one snapshot as the probe pass returns it (arrays, then the
-        saliency maps), for the shapes and dtypes of the skipped branch."""
+        saliency maps), for the shapes and dtypes of the skipped branch;
+        ``graph(constant)``: what runs on the probes (default: ``recorder``)."""
         import tensorflow as tf
 
         super().__init__(model, recorder)
@@ -134,15 +139,10 @@ class FusedProbePass(Fused):
         self._flag_value = False
 
         def probe():
+            if graph is not None:
+                return tuple(graph(constant))
             outputs = recorder(constant, training=False)
-            outputs = tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
-            if saliency is not None:
-                # The input gradient of the probes (a tape of its own, on the
-                # same starting weights): handed back after the activations;
-                # with Grad-CAM, the saliency maps and then the Grad-CAMs.
-                extra = saliency(constant)
-                outputs += tuple(extra) if isinstance(extra, (list, tuple)) else (extra,)
-            return outputs
+            return tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
 
         def skip():
             return tuple(tf.zeros(shape, dtype) for shape, dtype in empty)

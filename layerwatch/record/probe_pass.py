@@ -18,9 +18,9 @@ from .channels import channel_axis, choose_channels
 from .gradcam import (build_gradient_model, check_gradcam, gradcam_axes, gradcam_taps,
                       gradient_function)
 from .occlusion import Occlusion
-from .extractor import (LayerSelector, Tap, arrange_probes, build_extractor, build_gram_extractor,
-                        cast_outputs, input_names, input_spec, probe_function, select_channels,
-                        storage_dtypes)
+from .extractor import (LayerSelector, Tap, arrange_probes, build_extractor,
+                        build_gram_extractor, cast_outputs, input_names, input_spec, inputs_of,
+                        probe_function, select_channels, storage_dtypes)
 
 
 class ProbePass:
@@ -61,7 +61,7 @@ class ProbePass:
         self.inputs = [np.asarray(a, dtype=d) for a, (_, d) in zip(arrays, specs)]
         self.names = input_names(model, len(self.inputs))
         self.feed = _feed(self.inputs)
-        extractor, self.taps = build_extractor(model, layers, specs)
+        extractor, self.taps, output = build_extractor(model, layers, specs)
         #: Every tap's full tensor, uncut and uncast (what feature ascent differentiates).
         self.extractor = extractor
         self._grams: Callable[[Any], Any] | None = None
@@ -113,6 +113,15 @@ class ProbePass:
         elif saliency:
             self.saliency_graph, call = saliency_function(model, self.inputs[0], self.labels)
             self._gradients = lambda: [call()]
+        #: What the fused train step runs on the probes: the recorder's outputs,
+        #: then the saliency maps and Grad-CAMs (:attr:`saliency_graph`); with
+        #: saliency alone on TensorFlow one forward pass gives both
+        #: (:func:`joint_saliency_graph`).
+        self.fused_graph = _fused_graph(self.recorder, self.saliency_graph)
+        if saliency and not gradcam and keras.backend.backend() == "tensorflow":
+            self.fused_graph = joint_saliency_graph(
+                keras.Model(inputs_of(self.recorder), list(self.recorder.outputs) + [output],
+                            name=f"{model.name}_layerwatch_saliency"), self.labels)
         #: With ``occlusion_every=``: the occlusion maps (:mod:`~layerwatch.record.occlusion`).
         self.occlusion: Occlusion | None = None
         if occlusion is not None:
@@ -196,6 +205,42 @@ def _picked(out: Any, labels: Any) -> Any:
         labels = ops.argmax(ops.stop_gradient(out), axis=-1)
     index = ops.reshape(ops.cast(labels, "int32"), (-1, 1))
     return ops.sum(ops.take_along_axis(out, index, axis=1))
+
+
+def _fused_graph(recorder: keras.Model, gradients: Callable[[Any], Any] | None
+                 ) -> Callable[[Any], tuple]:
+    """The recorder's outputs, then ``gradients``' (if given), built in the caller's graph."""
+    def graph(constant):
+        outputs = recorder(constant, training=False)
+        outputs = tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
+        if gradients is not None:
+            # The probes' gradients (a tape of their own, on the same weights).
+            extra = gradients(constant)
+            outputs += tuple(extra) if isinstance(extra, (list, tuple)) else (extra,)
+        return outputs
+    return graph
+
+
+def joint_saliency_graph(joint: keras.Model, labels: np.ndarray | None
+                         ) -> Callable[[Any], tuple]:
+    """TensorFlow: the recorded tensors and the saliency maps from one forward pass.
+
+    ``joint`` gives the recorder's outputs and then the model's output (the
+    extractor's graph, :func:`~layerwatch.record.extractor.build_extractor`):
+    the tape that watches the probes sees the activations computed on the way.
+    """
+    import tensorflow as tf
+
+    y = None if labels is None else tf.constant(np.asarray(labels, dtype=np.int32))
+
+    def graph(constant):
+        constant = tf.convert_to_tensor(constant)
+        with tf.GradientTape() as tape:
+            tape.watch(constant)
+            outputs = joint(constant, training=False)
+            picked = _picked(outputs[-1], y)
+        return tuple(outputs[:-1]) + (tf.cast(tape.gradient(picked, constant), tf.float32),)
+    return graph
 
 
 def saliency_function(model: keras.Model, x: np.ndarray, labels: np.ndarray | None
