@@ -192,8 +192,8 @@ class _TraceCounter:
 
         original = probe_pass.cast_outputs  # builds the model the probe pass runs
 
-        def counting_cast_outputs(extractor, dtype):
-            recorder = original(extractor, dtype)
+        def counting_cast_outputs(extractor, dtype, **kwargs):
+            recorder = original(extractor, dtype, **kwargs)
             self.functions += 1
             inner = recorder.call
 

@@ -94,7 +94,8 @@ def run(args) -> int:
         print("this model's train function cannot carry the probe pass", file=sys.stderr)
         return 2
     extractor, _, _ = build_extractor(model, None, input_spec(model, [probes]))
-    recorder = cast_outputs(extractor, "float16")  # as LayerWatch stores tanh layers
+    recorder = cast_outputs(extractor, "float16", bounded=[True] * len(extractor.outputs))
+    # (as LayerWatch stores the seed model's tanh layers)
     feed = np.asarray(probes, dtype=np.float32)
     like = [np.asarray(a) for a in recorder.predict_on_batch(feed)]  # the shapes handed back
     fusion = FusedProbePass(model, recorder, feed, like)

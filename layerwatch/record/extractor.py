@@ -449,19 +449,24 @@ def select_channels(extractor: keras.Model, channels: Sequence[Sequence[int] | N
 FLOAT16_MAX = 65504.0
 
 
-def cast_outputs(extractor: keras.Model, dtype: str | Sequence[str]) -> keras.Model:
+def cast_outputs(extractor: keras.Model, dtype: str | Sequence[str],
+                 bounded: Sequence[bool] | None = None) -> keras.Model:
     """The extractor with output ``i`` cast to ``dtype[i]`` (or every output to
     ``dtype``) inside the compiled function, or the extractor itself if its
     outputs already have those dtypes.
 
     A cast to float16 from a wider float saturates finite values at ±65504
     (float16's largest), so a finite activation is never stored as ±inf; inf
-    and NaN stay what they are.
+    and NaN stay what they are. Outputs marked ``bounded`` (a tanh, sigmoid, …:
+    :data:`BOUNDED_RANGES`, far inside float16's range) are cast as they are:
+    three fewer ops per layer in every probe pass.
     """
     dtypes = [dtype] * len(extractor.outputs) if isinstance(dtype, str) else list(dtype)
     if all(str(out.dtype) == str(d) for out, d in zip(extractor.outputs, dtypes)):
         return extractor
-    outputs = [_cast(out, d) for out, d in zip(extractor.outputs, dtypes)]
+    bounded = [False] * len(dtypes) if bounded is None else list(bounded)
+    outputs = [keras.ops.cast(out, d) if safe else _cast(out, d)
+               for out, d, safe in zip(extractor.outputs, dtypes, bounded)]
     name = dtypes[0] if len(set(dtypes)) == 1 else "mixed"
     return keras.Model(inputs_of(extractor), outputs, name=f"{extractor.name}_{name}")
 

@@ -18,7 +18,7 @@ from .channels import channel_axis, choose_channels
 from .gradcam import (build_gradient_model, check_gradcam, gradcam_axes, gradcam_taps,
                       gradient_function)
 from .occlusion import Occlusion
-from .extractor import (LayerSelector, Tap, arrange_probes, build_extractor,
+from .extractor import (BOUNDED_RANGES, LayerSelector, Tap, arrange_probes, build_extractor,
                         build_gram_extractor, cast_outputs, input_names, input_spec, inputs_of,
                         probe_function, select_channels, storage_dtypes)
 
@@ -85,7 +85,9 @@ class ProbePass:
             recorder = select_channels(recorder, self.channels, axes)
         # Converted where computed, not by NumPy in the writer.
         self.dtypes = storage_dtypes(self.taps, extractor.outputs, dtype)
-        self.recorder = cast_outputs(recorder, self.dtypes)
+        self.recorder = cast_outputs(recorder, self.dtypes,
+                                     bounded=[tap.activation in BOUNDED_RANGES
+                                              for tap in self.taps])
         self._predict = probe_function(model, self.recorder)
         #: With ``saliency=True`` or ``gradcam=True``: the gradient graph the fused
         #: train step runs (:func:`saliency_function`, or with Grad-CAM
