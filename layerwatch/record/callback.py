@@ -276,22 +276,30 @@ class LayerWatch(keras.callbacks.Callback):
                                        steps_per_epoch=steps_per_epoch,
                                        read=None if distributed else self._read_count)
         step = self._read_step()
-        first = self._snapshot()
+        fuse = not read_every_step and can_fuse(model, self._probes.recorder,
+                                                gradients=self._probes.has_gradients)
+        # Where the separate probe pass can compile in the background (JAX),
+        # the first fused train call takes the first snapshot, beside it.
+        ahead = fuse and not self._probes.has_gradients and self._probes.warm()
+        first = self._probes.like if ahead else self._snapshot()
         self._open_writer(model, self._split(first)[0], step)
         _open_writers.add(self._writer)
-        if not self._disk_checked:  # once per callback, like the time budget
+        if fuse:
+            self._deferred = DeferredSnapshot(self._fused_pass(model, first))
+        if not self._disk_checked and not ahead:  # once per callback, like the time budget
             self._check_disk(self._split(first)[0])
             self._disk_checked = True
         if self._last_step != step:
-            self._record(step, first, self._analysis_grams(step))
+            if ahead:
+                self._deferred.defer(step, self._epoch, self._analysis_grams(step), {})
+                self._last_step = step
+            else:
+                self._record(step, first, self._analysis_grams(step))
             self._occlude(step)
         self._make_features(step)
         # Measured once per callback: a resumed or repeated fit() warns no more.
         self._meter = CostMeter() if self.budget is not None and not self._budget_checked \
             else None
-        if not read_every_step and can_fuse(model, self._probes.recorder,
-                                            gradients=self._probes.has_gradients):
-            self._deferred = DeferredSnapshot(self._fused_pass(model, first))
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = int(epoch)
@@ -538,6 +546,9 @@ class LayerWatch(keras.callbacks.Callback):
             if rate is not None and scalars and "learning_rate" not in scalars:
                 scalars["learning_rate"] = rate
             self._record(step, arrays, grams, epoch=epoch)
+            if not self._disk_checked:  # the first snapshot came from a fused call
+                self._check_disk(self._split(arrays)[0])
+                self._disk_checked = True
         if scalars:
             self._writer.add_batch_logs(step, scalars)
 

@@ -374,6 +374,13 @@ class _Capture(keras.layers.Layer):
         return outs[0]
 
 
+def captures(extractor: keras.Model) -> bool:
+    """Whether ``extractor`` runs a subclassed model through a :class:`_Capture`
+    (whose call rewires that model's layers while it runs)."""
+    return any(isinstance(layer, _Capture)
+               for layer in extractor._flatten_layers(include_self=False, recursive=True))
+
+
 def _follow_nonlinearity(calls, consumers, index, chain):
     """Walk conv → [BatchNormalization] → nonlinearity when the path is unbranched."""
     walk, names = index, list(chain)

@@ -18,6 +18,7 @@ otherwise. Nothing is written back; the train loop is left as it was.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 import keras
@@ -76,14 +77,7 @@ class JaxState:
             outputs, _ = sub.stateless_call(trainable, non_trainable, x, training=False)
             return outputs
 
-        compiled = jax.jit(run)
-        feed: list = [None, None]  # the last input and its device copy (the probes)
-
-        def call(x):
-            if feed[0] is not x:
-                feed[:] = [x, jax.tree_util.tree_map(jax.numpy.asarray, x)]
-            return compiled(*current(), feed[1])
-        return call
+        return _Compiled(jax.jit(run), current, sub)
 
     def learning_rate(self) -> float | None:
         """The optimizer's learning rate at the current state (a schedule evaluated
@@ -96,6 +90,56 @@ class JaxState:
 
             self._rate = jax.jit(lambda values: learning_rate_at(optimizer, values))
         return float(self._rate(self.values()[2]))
+
+
+class _Compiled:
+    """``sub``'s jitted inference call on the current values; :meth:`warm`
+    compiles it ahead, in a thread of its own."""
+
+    def __init__(self, jitted: Callable, current: Callable[[], tuple[list, list]],
+                 sub: keras.Model):
+        self._jitted = jitted
+        self._current = current
+        self._sub = sub
+        self._feed: list = [None, None]  # the last input and its device copy (the probes)
+        self._warming: threading.Thread | None = None
+
+    def __call__(self, x):
+        import jax
+
+        if self._warming is not None:
+            self._warming.join()  # a compile under way: waiting is no slower than compiling
+            self._warming = None
+        if self._feed[0] is not x:
+            self._feed[:] = [x, jax.tree_util.tree_map(jax.numpy.asarray, x)]
+        return self._jitted(*self._current(), self._feed[1])
+
+    def warm(self, x: Any) -> None:
+        """Start compiling the call for inputs like ``x`` in a daemon thread.
+
+        Compiling from shapes alone (``lower(...).compile()``, JAX's
+        ahead-of-time path, which fills the cache the jitted call then hits)
+        touches no buffer of the train loop, and XLA compiles without holding
+        the GIL: it runs beside the first train step's own compile, on the
+        other core. A failure here only means the first call compiles."""
+        import jax
+
+        def spec(values):
+            return [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in values]
+
+        sub = self._sub
+        args = (spec(sub.trainable_variables), spec(sub.non_trainable_variables),
+                jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x))
+
+        def compile_ahead():
+            try:
+                self._jitted.lower(*args).compile()
+            except Exception:
+                pass
+
+        self._warming = threading.Thread(target=compile_ahead, name="layerwatch-compile",
+                                         daemon=True)
+        self._warming.start()
 
 
 Picks = tuple[list[tuple[int, int]], list[tuple[int, int]]]

@@ -19,8 +19,8 @@ from .gradcam import (build_gradient_model, check_gradcam, gradcam_axes, gradcam
                       gradient_function)
 from .occlusion import Occlusion
 from .extractor import (BOUNDED_RANGES, LayerSelector, Tap, arrange_probes, build_extractor,
-                        build_gram_extractor, cast_outputs, input_names, input_spec, inputs_of,
-                        probe_function, select_channels, storage_dtypes)
+                        build_gram_extractor, captures, cast_outputs, input_names, input_spec,
+                        inputs_of, probe_function, select_channels, storage_dtypes)
 
 
 class ProbePass:
@@ -159,6 +159,23 @@ class ProbePass:
     def kept_channels(self) -> list[int]:
         """Per tap, how many channels are recorded."""
         return [len(c) if c is not None else t for c, t in zip(self.channels, self.totals)]
+
+    def warm(self) -> bool:
+        """Start compiling :meth:`snapshot`'s function in the background, where
+        that is possible (JAX, and no subclassed model whose layers a capture
+        rewires while they trace: the train step traces them too); True if it
+        started."""
+        warm = getattr(self._predict, "warm", None)
+        if warm is None or captures(self.recorder):
+            return False
+        warm(self.feed)
+        return True
+
+    @property
+    def like(self) -> list[np.ndarray]:
+        """Zeros shaped and typed as :meth:`snapshot`'s arrays (no pass runs)."""
+        return [np.zeros((self.count,) + tuple(int(d) for d in out.shape[1:]), dtype=str(out.dtype))
+                for out in self.recorder.outputs]
 
     def snapshot(self) -> list[np.ndarray]:
         """The recorded tensors of the probes now, one array per tap."""
