@@ -154,6 +154,34 @@ def test_jax_probes_ride_in_the_train_step_compiled_once(tmp_path, tiny_data):
     assert np.count_nonzero(~np.isnan(rate)) >= len(steps) - 2
 
 
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's traced probe pass")
+def test_torch_probe_pass_replays_a_trace_that_follows_the_weights(tiny_data):
+    # The recorder's forward pass on PyTorch is a trace of Keras' (cheaper per
+    # step): the same numbers as Keras' own forward pass, before and after the
+    # weights move, and Keras' pass itself for any input but the probes.
+    from layerwatch.record.torch_trace import TracedProbes
+
+    x, y = tiny_data
+    model, reference = _model()  # conv, BatchNormalization, activation: two outputs
+    probes = x[:3]
+    replay = TracedProbes(reference)
+
+    def same(got, want):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(g), w)
+
+    before = _outputs(reference, probes)
+    same(replay(probes), before)
+    assert replay.failed is None
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    after = _outputs(reference, probes)
+    assert not np.allclose(before[1], after[1], atol=ATOL)
+    same(replay(probes), after)
+    other = x[3:5]
+    same(replay(other), _outputs(reference, other))
+
+
 def _finite_difference_saliency(model, probes, labels, eps=1e-2):
     """d model(x)[label] / dx by central differences, one batched call per side."""
     size = probes[0].size

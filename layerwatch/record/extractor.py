@@ -510,7 +510,8 @@ def probe_function(model: keras.Model, extractor: keras.Model) -> Callable[[Any]
     multi-replica TensorFlow distribution strategy (see
     :func:`_tf_local_function`), and on JAX, where it is a jitted
     ``stateless_call`` on the train loop's current state
-    (:class:`~layerwatch.record.jax_state.JaxState`).
+    (:class:`~layerwatch.record.jax_state.JaxState`), and on PyTorch, where
+    it replays a trace of the call (:class:`~layerwatch.record.torch_trace.TracedProbes`).
     """
     if keras.backend.backend() == "tensorflow":
         strategy = getattr(model, "distribute_strategy", None)
@@ -521,6 +522,10 @@ def probe_function(model: keras.Model, extractor: keras.Model) -> Callable[[Any]
         from .jax_state import JaxState
 
         return JaxState(model).function(extractor)
+    if keras.backend.backend() == "torch":
+        from .torch_trace import TracedProbes
+
+        return TracedProbes(extractor)
     return extractor.predict_on_batch
 
 
