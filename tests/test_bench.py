@@ -67,3 +67,10 @@ def test_memory_quick(tmp_path):
     out = _run_quick("memory.py", tmp_path)
     _assert_ratio(out, r"memory layerwatch peak-RSS 12/4 steps")
     _assert_ratio(out, r"memory render peak-RSS \d+/\d+ snapshots")
+
+
+def test_epoch_gaps_quick(tmp_path):
+    out = _run_quick("epoch_gaps.py", tmp_path)
+    for condition in ("none", "layerwatch", "no-reaper"):
+        assert re.search(rf"^{condition}: 3 gaps .* median \d+ ms, max \d+ ms", out,
+                         re.MULTILINE), out

@@ -694,3 +694,66 @@ def test_a_smaller_last_batch_is_weighted_by_its_size(tmp_path, tiny_data):
                                        history.history[name][epoch], rtol=1e-6)
     accuracy = batch.get("accuracy")[1]
     assert np.all((accuracy >= -1e-9) & (accuracy <= 1 + 1e-9))  # a share, every step
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="the fused probe pass is TensorFlow's")
+def test_spent_data_iterators_are_destroyed_off_the_training_thread(tmp_path, tiny_data,
+                                                                     monkeypatch):
+    # Keras holds each epoch's tf.data iterator until the next epoch's first
+    # batch (the last until fit returns), and destroying one can wait for its
+    # threads for half a second. The fused train function hands each spent one
+    # to the reaper's thread, which destroys it there; none is kept.
+    import threading
+    import time
+    import weakref
+
+    from layerwatch.record import fused, reaper
+
+    died, seen = [], []
+    call = fused.FusedProbePass.__call__
+
+    def spy(self, iterator):
+        if not any(ref() is iterator for ref in seen):
+            seen.append(weakref.ref(iterator))
+            weakref.finalize(iterator, lambda: died.append(threading.current_thread().name))
+        return call(self, iterator)
+
+    monkeypatch.setattr(fused.FusedProbePass, "__call__", spy)
+    x, y = tiny_data
+    model = tanh_relu_model()
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0,
+              callbacks=[LayerWatch(tmp_path / "run.h5", x[:3], budget=None)])
+    deadline = time.monotonic() + 60
+    while len(died) < len(seen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(seen) == 3  # one iterator an epoch
+    assert died == ["layerwatch-reaper"] * 3
+    assert reaper.holding() == 0
+
+
+def test_the_reaper_lets_go_on_its_thread_when_due():
+    import threading
+    import time
+    import weakref
+
+    from layerwatch.record.reaper import Reaper
+
+    class Thing:
+        pass
+
+    reaper, died = Reaper(), []
+    soon, later = Thing(), Thing()
+    for thing, name in ((soon, "soon"), (later, "later")):
+        weakref.finalize(thing, lambda name=name: died.append(
+            (name, threading.current_thread().name, time.monotonic())))
+    start = time.monotonic()
+    reaper.release(later, after=0.5)
+    reaper.release(soon)
+    del soon, later, thing
+    while len(died) < 2 and time.monotonic() < start + 30:
+        time.sleep(0.01)
+    assert reaper.holding == 0
+    assert [(name, thread) for name, thread, _ in died] == [
+        ("soon", "layerwatch-reaper"), ("later", "layerwatch-reaper")]
+    assert died[1][2] - start >= 0.5

@@ -16,6 +16,11 @@ graph. Keras' own train function is never traced while it is installed
 a first call at an epoch's start would land on the epoch-boundary stall of
 ``tf.data``).
 
+It also hands each epoch's spent ``tf.data`` iterator to
+:mod:`~layerwatch.record.reaper`, whose thread destroys it: that can wait for
+hundreds of milliseconds, which Keras' own loop would spend at the next
+epoch's start.
+
 Only used where that is exactly equivalent to a separate probe pass: the
 TensorFlow backend, one replica, one step per execution (see
 :func:`can_fuse`). Keras' private ``_make_function`` builds the fused function
@@ -28,6 +33,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import keras
+
+from . import reaper
 
 
 def can_fuse(model: keras.Model, recorder: keras.Model | None = None, *,
@@ -85,6 +92,8 @@ class Fused:
         self.traces = 0
         self._outputs: tuple | None = None
         self.wanted = False
+        #: TensorFlow: the data iterator of the last call (see :mod:`.reaper`).
+        self._iterator: Any = None
 
     def install(self) -> bool:
         """Wrap the model's train function. False if it is no longer the one
@@ -110,6 +119,9 @@ class Fused:
         if self._model.train_function is self:
             self._model.train_function = self._plain
         self.wanted, self._outputs = False, None
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None:  # fit drops its own reference as it returns
+            reaper.release(iterator, after=reaper.AFTER_FIT)
 
 
 class FusedProbePass(Fused):
@@ -162,6 +174,12 @@ class FusedProbePass(Fused):
         self._fused = model._make_function(step)
 
     def __call__(self, iterator):
+        if iterator is not self._iterator:
+            # Keras has moved on to a new epoch's iterator: the old one is
+            # destroyed on the reaper's thread, not in the training loop.
+            if self._iterator is not None:
+                reaper.release(self._iterator)
+            self._iterator = iterator
         wanted, self.wanted = self.wanted, False
         if wanted != self._flag_value:  # a variable write only when it changes
             self._flag.assign(wanted)
