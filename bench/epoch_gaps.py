@@ -33,7 +33,7 @@ def _gaps_callback():
         """Epoch start -> first batch; last epoch end -> (fit return, filled in later)."""
 
         def on_train_begin(self, logs=None):
-            self.starts, self.gaps, self.begun = [], [], None
+            self.gaps, self.begun = [], None
 
         def on_epoch_begin(self, epoch, logs=None):
             self.begun = time.perf_counter()

@@ -280,15 +280,14 @@ class LayerWatch(keras.callbacks.Callback):
                                                 gradients=self._probes.has_gradients)
         # Where the separate probe pass can compile in the background (JAX),
         # the first fused train call takes the first snapshot, beside it.
-        ahead = fuse and not self._probes.has_gradients and self._probes.warm()
+        ahead = fuse and self._probes.warm()
         first = self._probes.like if ahead else self._snapshot()
         self._open_writer(model, self._split(first)[0], step)
         _open_writers.add(self._writer)
         if fuse:
             self._deferred = DeferredSnapshot(self._fused_pass(model, first))
-        if not self._disk_checked and not ahead:  # once per callback, like the time budget
+        if not ahead:  # else the first fused call's snapshot is checked
             self._check_disk(self._split(first)[0])
-            self._disk_checked = True
         if self._last_step != step:
             if ahead:
                 self._deferred.defer(step, self._epoch, self._analysis_grams(step), {})
@@ -546,9 +545,7 @@ class LayerWatch(keras.callbacks.Callback):
             if rate is not None and scalars and "learning_rate" not in scalars:
                 scalars["learning_rate"] = rate
             self._record(step, arrays, grams, epoch=epoch)
-            if not self._disk_checked:  # the first snapshot came from a fused call
-                self._check_disk(self._split(arrays)[0])
-                self._disk_checked = True
+            self._check_disk(self._split(arrays)[0])  # the first snapshot may be this one
         if scalars:
             self._writer.add_batch_logs(step, scalars)
 
@@ -611,7 +608,11 @@ class LayerWatch(keras.callbacks.Callback):
 
     def _check_disk(self, first: list[np.ndarray]) -> None:
         """Warn once (or, with every="auto", record less often) when the planned
-        run would write more than ``disk_budget`` or than the disk has free."""
+        run would write more than ``disk_budget`` or than the disk has free.
+        Checked once per callback, like the time budget: later calls return."""
+        if self._disk_checked:
+            return
+        self._disk_checked = True
         params = self.params or {}
         epochs, steps = params.get("epochs"), params.get("steps")
         if not epochs or not steps:

@@ -24,6 +24,8 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
+from .probe_pass import _numpy
+
 
 class TracedProbes:
     """``extractor``'s inference call on the probes, replayed from a trace."""
@@ -68,7 +70,7 @@ class TracedProbes:
                 traced = torch.jit.trace(Forward(), tensors, check_trace=False)
                 with torch.jit.optimized_execution(False):
                     got = [o.cpu().numpy() for o in traced(*tensors)]
-            want = [np.asarray(o) for o in _as_list(self._fallback(x))]
+            want = _numpy(self._fallback(x))
         except Exception as exc:  # anything TorchScript cannot follow
             self.failed = f"{type(exc).__name__}: {exc}"
             return
@@ -78,7 +80,3 @@ class TracedProbes:
             self.failed = "the traced graph differs from Keras' forward pass"
             return
         self._traced, self._input, self._tensors = traced, x, tensors
-
-
-def _as_list(outputs: Any) -> list:
-    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
