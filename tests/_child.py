@@ -81,7 +81,9 @@ def run_keras(path, scenario):
             if scenario == "idle_mid_epoch" and step == 10:
                 park(step)
             if scenario == "in_write" and step == 10:
-                hang_in_resize("/steps")
+                # The writer's second block from here on: one block is committed
+                # by then however far the writer thread lags behind training.
+                hang_in_resize("/steps", after_calls=1)
             if scenario == "live":
                 time.sleep(0.2)
 

@@ -37,9 +37,8 @@ def test_overhead_quick(tmp_path):
                        re.MULTILINE)
     assert traces, out
     if "backend torch" not in out:  # compiled: traced once however many steps
-        # TensorFlow: the separate probe pass and the train step with the probes fused in.
-        warmup = "2" if "backend tensorflow" in out else "1"
-        assert traces.groups() == (warmup, "0"), out
+        # TensorFlow: one probe function, for the separate pass and inside the fused step.
+        assert traces.groups() == ("1", "0"), out
 
 
 def test_train_step_quick(tmp_path):
@@ -73,4 +72,12 @@ def test_epoch_gaps_quick(tmp_path):
     out = _run_quick("epoch_gaps.py", tmp_path)
     for condition in ("none", "layerwatch", "no-reaper"):
         assert re.search(rf"^{condition}: 3 gaps .* median \d+ ms, max \d+ ms", out,
+                         re.MULTILINE), out
+
+
+def test_phases_quick(tmp_path):
+    out = _run_quick("phases.py", tmp_path)
+    for phase in ("train_begin", "first_call", "step", "batch_ends", "epoch_ends", "train_end",
+                  "total"):
+        assert re.search(rf"^phase {phase} +\d+\.\d +\d+\.\d +[+-]\d+\.\d$", out,
                          re.MULTILINE), out

@@ -30,6 +30,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from layerwatch import LayerWatch  # noqa: E402
 from layerwatch.cli import main  # noqa: E402
+from layerwatch.record.budget import CostMeter  # noqa: E402
 
 ATOL = 2e-3  # float16 storage of values around 1
 
@@ -437,7 +438,7 @@ def test_over_budget_warns_once_with_the_settings_that_fit(tmp_path, tiny_data):
     x, y = tiny_data
     model, _ = _model()
     with pytest.warns(RuntimeWarning, match=r"above budget=1e-06\. every=\d+") as caught:
-        model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+        model.fit(x, y, batch_size=8, epochs=4, verbose=0,  # measured over the first 18 steps
                   callbacks=[LayerWatch(tmp_path / "run.h5", x[:3], budget=1e-6)])
     assert len([w for w in caught if "budget" in str(w.message)]) == 1
 
@@ -448,13 +449,15 @@ def test_every_auto_thins_recording_to_the_budget(tmp_path, tiny_data):
     path = tmp_path / "run.h5"
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # auto adapts, it does not warn
-        model.fit(x, y, batch_size=8, epochs=4, verbose=0,
+        model.fit(x, y, batch_size=8, epochs=6, verbose=0,
                   callbacks=[LayerWatch(path, x[:3], every="auto", budget=1e-6)])
     with h5py.File(path, "r") as f:
         steps = f["steps"][:].tolist()
-    # Every step while measuring (2 warm-up + 8), then far apart, and the last.
-    assert steps[:11] == list(range(11))
-    assert steps[-1] == 24 and len(steps) <= 13
+    # Every step while measuring (the warm-up, then the measured batch ends),
+    # then far apart, and the last.
+    measured = CostMeter.warmup + CostMeter.batches
+    assert steps[:measured + 1] == list(range(measured + 1))
+    assert steps[-1] == 36 and len(steps) <= measured + 3
 
 
 def _two_input_model():

@@ -757,3 +757,53 @@ def test_the_reaper_lets_go_on_its_thread_when_due():
     assert [(name, thread) for name, thread, _ in died] == [
         ("soon", "layerwatch-reaper"), ("later", "layerwatch-reaper")]
     assert died[1][2] - start >= 0.5
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="the fused probe pass is TensorFlow's")
+def test_the_optimizer_is_built_before_the_first_step_and_training_is_unchanged(
+        tmp_path, tiny_data, monkeypatch):
+    # Keras builds the optimizer inside the first traced train step, which
+    # makes that first call slower; the fused step builds it just before, with
+    # the calls Keras' Optimizer.apply makes. The same variables, the same
+    # training.
+    from layerwatch.record import fused
+
+    built = []
+    build = fused.build_optimizer
+    monkeypatch.setattr(fused, "build_optimizer", lambda m: (built.append(build(m)), built[-1])[1])
+    x, y = tiny_data
+    plain, watched = tanh_relu_model(), tanh_relu_model()
+    plain.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False)
+    watched.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False,
+                callbacks=[LayerWatch(tmp_path / "run.h5", x[:3], budget=None)])
+    assert built == [True]  # by the fused step, at its first call
+    ours, theirs = watched.optimizer.variables, plain.optimizer.variables
+    assert [v.path.split("/", 1)[1] for v in ours] == [v.path.split("/", 1)[1] for v in theirs]
+    assert [v.path.split("/", 1)[0] for v in ours] == [watched.optimizer.name] * len(ours)
+    for a, b in zip(ours + watched.weights, theirs + plain.weights):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="the fused probe pass is TensorFlow's")
+def test_a_custom_train_step_keeps_its_own_optimizer_building(tmp_path, tiny_data):
+    # A train_step of one's own may apply the optimizer to other variables:
+    # LayerWatch leaves the building to it.
+    from layerwatch.record.fused import build_optimizer
+
+    class Custom(keras.Model):
+        def train_step(self, data):
+            return super().train_step(data)
+
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(2, 3, name="c1")(inp)
+    model = Custom(inp, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    assert build_optimizer(model) is False and not model.optimizer.built
+    x, y = tiny_data
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0,
+              callbacks=[LayerWatch(tmp_path / "run.h5", x[:3], budget=None)])
+    assert model.optimizer.built  # by Keras, in its first step
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert f["steps"][:].tolist() == [0, 1, 2, 3]

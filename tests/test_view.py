@@ -226,7 +226,8 @@ def test_writing_again_reuses_full_chunks_and_follows_a_growing_run(tmp_path, ch
     assert _errors(chromium) == []
 
 
-def test_cli_view(tmp_path):
+def test_cli_view(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default output folder would go
     _write(tmp_path / "tiny.h5", 4)
     result = CliRunner().invoke(main, ["view", str(tmp_path / "tiny.h5"), "-o",
                                        str(tmp_path / "v")])
@@ -239,6 +240,7 @@ def test_cli_view(tmp_path):
     unknown = CliRunner().invoke(main, ["view", str(tmp_path / "tiny.h5"), "--layers", "conv9"])
     assert unknown.exit_code == 1
     assert "no layer 'conv9'. Recorded layers: conv1, conv2" in unknown.output
+    assert not (tmp_path / "outputs").exists()  # a refused command writes no folder
 
 
 def test_an_empty_run_names_what_to_do(tmp_path):

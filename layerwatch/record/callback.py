@@ -83,8 +83,9 @@ class LayerWatch(keras.callbacks.Callback):
         (mean over positions of the variance over probes), kept in model order.
     budget : float or None, default 0.2
         Share of a training step that recording may cost. Measured over the
-        first steps; above it, one warning names the ``every=`` (and
-        ``max_channels=``) that would fit. ``None`` turns the check off.
+        16 steps after the first two (a shorter fit is not measured); above
+        it, one warning names the ``every=`` (and ``max_channels=``) that
+        would fit. ``None`` turns the check off.
     disk_budget : float or None, default 2e9
         Bytes the recording may plan to write. At ``fit``'s start, when the
         planned run (epochs × steps per epoch ÷ ``every`` snapshots, at the
@@ -175,7 +176,9 @@ class LayerWatch(keras.callbacks.Callback):
     step ``k`` is computed by the train call of step ``k + 1``, on the weights
     that step starts from, and written when that call returns (or at the
     epoch's end). The model's own train function is handed back when ``fit``
-    ends.
+    ends. Before its first call it creates the optimizer's variables, which
+    Keras would create inside that call's trace (the same variables, made the
+    same way; only for Keras' own ``train_step``): tracing is then faster.
 
     Raises
     ------
@@ -314,6 +317,7 @@ class LayerWatch(keras.callbacks.Callback):
             fused_call = self._deferred is not None and self._deferred.pending
             if fused_call:
                 self._take_deferred()
+            handed = time.perf_counter()
             step = self._steps.at_batch_end(batch)
             recorded = self._last_step is None or \
                 step // self.every > self._last_step // self.every
@@ -338,8 +342,9 @@ class LayerWatch(keras.callbacks.Callback):
                 self._writer.add_batch_logs(step, scalars)
             if self._meter is not None:
                 end = time.perf_counter()
+                # A separate snapshot taken now is not part of handing over the fused one.
                 self._meter.add(step, start, end, (end - written) if direct else None,
-                                fused_call=fused_call)
+                                fused_call=fused_call, handover=handed - start)
                 if self._meter.done:
                     self._check_budget(self._meter)
                     self._meter, self._budget_checked = None, True
@@ -472,7 +477,7 @@ class LayerWatch(keras.callbacks.Callback):
                 or not fusion.install():
             fusion = self._fusion = fused_pass(model, self._probes.recorder,
                                                self._probes.feed, like,
-                                               graph=self._probes.fused_graph)
+                                               graph=self._probes.compiled_call)
             fusion.install()
         return fusion
 
@@ -481,7 +486,7 @@ class LayerWatch(keras.callbacks.Callback):
         the form a fused call's snapshot has too (see :meth:`_split`)."""
         # One compiled, inference-mode call (built once; on JAX on the train
         # loop's state as it is, unsynced): see extractor.probe_function.
-        return self._probes.snapshot() + self._probes.gradients()
+        return self._probes.snapshot_all()
 
     def _make_features(self, step: int, *, final: bool = False) -> None:
         """Queue the feature images of ``step`` when they are due (``features_every=``)."""

@@ -16,6 +16,11 @@ graph. Keras' own train function is never traced while it is installed
 a first call at an epoch's start would land on the epoch-boundary stall of
 ``tf.data``).
 
+Before the first call it builds the optimizer's variables, as Keras' first
+train step would (see :func:`build_optimizer`): created inside the trace,
+they cost TensorFlow a lifting of their initializers into the first call
+(0.3–0.5 s on a 2-core CPU for the seed model, plain Keras included).
+
 It also hands each epoch's spent ``tf.data`` iterator to
 :mod:`~layerwatch.record.reaper`, whose thread destroys it: that can wait for
 hundreds of milliseconds, which Keras' own loop would spend at the next
@@ -33,6 +38,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import keras
+import numpy as np
 
 from . import reaper
 
@@ -66,16 +72,45 @@ def can_fuse(model: keras.Model, recorder: keras.Model | None = None, *,
 
 
 def fused_pass(model: keras.Model, recorder: keras.Model, probes: Any, like: list,
-               graph: Callable[[Any], tuple] | None = None) -> "Fused":
+               graph: Callable[[], tuple] | None = None) -> "Fused":
     """This backend's fused train function (see :func:`can_fuse`), not yet installed.
 
-    ``graph`` (TensorFlow): what the step runs on the probes, when more than
-    ``recorder`` (:attr:`~layerwatch.record.probe_pass.ProbePass.fused_graph`)."""
+    ``graph`` (TensorFlow): what the step runs on the probes, a function of no
+    argument (:meth:`~layerwatch.record.probe_pass.ProbePass.compiled_call`);
+    default ``recorder`` on ``probes``."""
     if keras.backend.backend() == "jax":
         from .jax_fused import JaxFusedProbePass
 
         return JaxFusedProbePass(model, recorder, probes, like)
     return FusedProbePass(model, recorder, probes, like, graph=graph)
+
+
+def build_optimizer(model: keras.Model) -> bool:
+    """Create the optimizer's variables now, exactly as Keras' own TensorFlow
+    ``train_step`` would at its first call; True if it did.
+
+    Keras builds the optimizer inside the first traced train step when no
+    distribution strategy is set ("for backwards compatibility"); TensorFlow
+    then lifts the new variables' initializers out of that trace, which is
+    slower than creating them beforehand. The variables are the same ones
+    (same names, shapes and initial values; ``apply`` builds with these very
+    calls), so training is the same. Only for an unbuilt Keras
+    optimizer and a model that keeps Keras' own ``train_step`` (a custom one
+    may apply the optimizer to other variables).
+    """
+    from keras.src.backend import name_scope
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    optimizer = getattr(model, "optimizer", None)
+    if not isinstance(optimizer, keras.optimizers.Optimizer) or optimizer.built \
+            or "train_step" in vars(model) \
+            or type(model).train_step is not TensorFlowTrainer.train_step \
+            or not model.trainable_weights:
+        return False
+    with name_scope(optimizer.name, caller=optimizer):  # as Optimizer.apply does
+        optimizer.build(model.trainable_weights)
+    optimizer.built = True
+    return True
 
 
 class Fused:
@@ -110,9 +145,10 @@ class Fused:
         if taken is None:
             return None
         outputs, rate = taken
-        to_numpy = keras.ops.convert_to_numpy  # a TensorFlow or JAX array
-        rate = float(to_numpy(rate))
-        return [to_numpy(o) for o in outputs], (None if rate != rate else rate)
+        # TensorFlow's and JAX's arrays convert themselves (np.array copies, as
+        # keras.ops.convert_to_numpy does, without its per-call checks).
+        rate = float(np.array(rate))
+        return [np.array(o) for o in outputs], (None if rate != rate else rate)
 
     def restore(self) -> None:
         """Give the model back its own train function."""
@@ -134,10 +170,10 @@ class FusedProbePass(Fused):
     """
 
     def __init__(self, model: keras.Model, recorder: keras.Model, probes: Any,
-                 like: list, graph: Callable[[Any], tuple] | None = None):
+                 like: list, graph: Callable[[], tuple] | None = None):
         """``like``: one snapshot as the probe pass returns it (arrays, then the
         saliency maps), for the shapes and dtypes of the skipped branch;
-        ``graph(constant)``: what runs on the probes (default: ``recorder``)."""
+        ``graph()``: what runs on the probes (default: ``recorder`` on ``probes``)."""
         import tensorflow as tf
 
         super().__init__(model, recorder)
@@ -152,7 +188,7 @@ class FusedProbePass(Fused):
 
         def probe():
             if graph is not None:
-                return tuple(graph(constant))
+                return tuple(graph())
             outputs = recorder(constant, training=False)
             return tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
 
@@ -174,6 +210,8 @@ class FusedProbePass(Fused):
         self._fused = model._make_function(step)
 
     def __call__(self, iterator):
+        if self._iterator is None:
+            build_optimizer(self._model)  # the first call of a fit
         if iterator is not self._iterator:
             # Keras has moved on to a new epoch's iterator: the old one is
             # destroyed on the reaper's thread, not in the training loop.

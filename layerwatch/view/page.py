@@ -84,11 +84,12 @@ def write_view(path: str | os.PathLike, out_dir: str | os.PathLike | None = None
     check_options(max_frames=max_frames, max_channels=max_channels)
     out = default_view_dir(path) if out_dir is None else Path(out_dir)
     data_dir = out / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
     previous = _previous_manifest(data_dir / "manifest.json")
     written = 0
     with open_run(path) as run:
         manifest, panels, indices = _manifest(run, layers, max_channels, max_frames)
+        # Only now, the run and the options checked: a mistake leaves no folder behind.
+        data_dir.mkdir(parents=True, exist_ok=True)
         for panel in panels:
             keep = _reusable(previous, panel.meta, manifest["steps"], data_dir)
             for c, image, values in _data.panel_chunks(panel, indices, keep=keep):
