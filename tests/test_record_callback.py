@@ -777,7 +777,7 @@ def test_the_optimizer_is_built_before_the_first_step_and_training_is_unchanged(
     plain.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False)
     watched.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False,
                 callbacks=[LayerWatch(tmp_path / "run.h5", x[:3], budget=None)])
-    assert built == [True]  # by the fused step, at its first call
+    assert built == [True]  # by the fused step, before its first call
     ours, theirs = watched.optimizer.variables, plain.optimizer.variables
     assert [v.path.split("/", 1)[1] for v in ours] == [v.path.split("/", 1)[1] for v in theirs]
     assert [v.path.split("/", 1)[0] for v in ours] == [watched.optimizer.name] * len(ours)

@@ -484,8 +484,9 @@ class LayerWatch(keras.callbacks.Callback):
     def _snapshot(self) -> list[np.ndarray]:
         """One array per tap, then (with ``saliency=True``) the saliency maps:
         the form a fused call's snapshot has too (see :meth:`_split`)."""
-        # One compiled, inference-mode call (built once; on JAX on the train
-        # loop's state as it is, unsynced): see extractor.probe_function.
+        # One compiled, inference-mode call (built once; on TensorFlow the
+        # function the fused step calls too, on JAX on the train loop's state
+        # as it is, unsynced): see ProbePass.snapshot_all.
         return self._probes.snapshot_all()
 
     def _make_features(self, step: int, *, final: bool = False) -> None:

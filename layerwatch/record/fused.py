@@ -16,7 +16,7 @@ graph. Keras' own train function is never traced while it is installed
 a first call at an epoch's start would land on the epoch-boundary stall of
 ``tf.data``).
 
-Before the first call it builds the optimizer's variables, as Keras' first
+When installed it builds the optimizer's variables, as Keras' first
 train step would (see :func:`build_optimizer`): created inside the trace,
 they cost TensorFlow a lifting of their initializers into the first call
 (0.3–0.5 s on a 2-core CPU for the seed model, plain Keras included).
@@ -209,9 +209,15 @@ class FusedProbePass(Fused):
 
         self._fused = model._make_function(step)
 
+    def install(self) -> bool:
+        """As :meth:`Fused.install`; also builds the optimizer (see
+        :func:`build_optimizer`) before the fit's first train call."""
+        installed = super().install()
+        if installed:
+            build_optimizer(self._model)
+        return installed
+
     def __call__(self, iterator):
-        if self._iterator is None:
-            build_optimizer(self._model)  # the first call of a fit
         if iterator is not self._iterator:
             # Keras has moved on to a new epoch's iterator: the old one is
             # destroyed on the reaper's thread, not in the training loop.
