@@ -318,7 +318,13 @@ def test_gradcam_of_a_subclassed_model_matches_finite_differences(tmp_path, tiny
     np.testing.assert_allclose(cams[-1], want, atol=2e-2 * scale)
 
 
-def test_occlusion_matches_predict_on_the_patched_probes(tmp_path, tiny_data):
+@pytest.mark.parametrize("chunk", [None, 8], ids=["one_call", "in_chunks"])
+def test_occlusion_matches_predict_on_the_patched_probes(tmp_path, tiny_data, monkeypatch,
+                                                         chunk):
+    # in_chunks: 30 patched images, 8 a call (a large probe set's way; on
+    # PyTorch the first chunk is replayed from a trace, the others are not).
+    if chunk is not None:
+        monkeypatch.setattr("layerwatch.record.occlusion.CHUNK", chunk)
     x, y = tiny_data
     model, _, _ = _gradcam_model()
     probes, labels = x[:3], y[:3].astype(int)

@@ -370,7 +370,7 @@ def _feed(arrays: list[np.ndarray]) -> Any:
 def _numpy(outputs: Any) -> list[np.ndarray]:
     if not isinstance(outputs, (list, tuple)):
         outputs = [outputs]
-    return [keras.ops.convert_to_numpy(o) for o in outputs]
+    return [o if isinstance(o, np.ndarray) else keras.ops.convert_to_numpy(o) for o in outputs]
 
 
 def _check_fit(model: keras.Model, arrays: list[np.ndarray], specs: list, *,

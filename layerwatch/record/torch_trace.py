@@ -37,6 +37,7 @@ class TracedProbes:
         self._input: Any = None   # the probes the trace was made on (identity)
         self._tensors: Any = None
         self.failed: str | None = None  # why the trace is not used, once tried
+        self._single = False  # Keras' pass returns one array, not a list of them
 
     def __call__(self, x: Any):
         if self._traced is None and self.failed is None:
@@ -46,7 +47,10 @@ class TracedProbes:
         import torch
 
         with torch.no_grad(), torch.jit.optimized_execution(False):
-            return list(self._traced(*self._tensors))
+            # NumPy views of the replay's own new tensors (nothing else writes them),
+            # in the structure Keras' pass returns.
+            arrays = [t.cpu().numpy() for t in self._traced(*self._tensors)]
+        return arrays[0] if self._single else arrays
 
     def _trace(self, x: Any) -> None:
         import torch
@@ -70,7 +74,8 @@ class TracedProbes:
                 traced = torch.jit.trace(Forward(), tensors, check_trace=False)
                 with torch.jit.optimized_execution(False):
                     got = [o.cpu().numpy() for o in traced(*tensors)]
-            want = _numpy(self._fallback(x))
+            keras_out = self._fallback(x)
+            want = _numpy(keras_out)
         except Exception as exc:  # anything TorchScript cannot follow
             self.failed = f"{type(exc).__name__}: {exc}"
             return
@@ -80,3 +85,4 @@ class TracedProbes:
             self.failed = "the traced graph differs from Keras' forward pass"
             return
         self._traced, self._input, self._tensors = traced, x, tensors
+        self._single = not isinstance(keras_out, (list, tuple))
