@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from layerwatch import LayerWatch, one_per_class, open_run
 from layerwatch.cli import main
+from layerwatch.record.budget import CostMeter
 
 TOL = 2e-3  # float16 storage of values in [-1, 1]
 
@@ -807,3 +808,44 @@ def test_a_custom_train_step_keeps_its_own_optimizer_building(tmp_path, tiny_dat
     assert model.optimizer.built  # by Keras, in its first step
     with h5py.File(tmp_path / "run.h5", "r") as f:
         assert f["steps"][:].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="the fused probe pass is TensorFlow's")
+def test_the_time_budget_times_fused_and_plain_calls_in_turn(tmp_path, tiny_data, monkeypatch):
+    # The meter's plain calls come from taking every other snapshot separately.
+    # They must alternate with the fused ones call by call (not three and
+    # three), so a slow spell or the first steps' speed-up falls on both alike.
+    from layerwatch.record import callback
+
+    measured = []
+    judge = callback.over_budget
+    monkeypatch.setattr(callback, "over_budget",
+                        lambda meter, **kw: (measured.append(meter), judge(meter, **kw))[1])
+    x, y = tiny_data
+    model = tanh_relu_model()
+    model.fit(x, y, epochs=1, batch_size=2, verbose=0,  # the meter's steps in one epoch
+              callbacks=[LayerWatch(tmp_path / "run.h5", x[:3], budget=0.99)])
+    (meter,) = measured
+    kinds = [fused for fused, _ in meter._calls]
+    assert len(kinds) == CostMeter.batches and kinds[0]
+    assert all(a != b for a, b in zip(kinds, kinds[1:])), "".join("FP"[not k] for k in kinds)
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert f["steps"][:].tolist() == list(range(25))  # every step still recorded
+
+
+def test_the_time_budget_measures_a_fused_calls_extra_time_between_neighbours():
+    # Steps speeding up from 12 to 8 ms over the measured batches, fused calls
+    # 0.5 ms longer, 0.1 ms to hand a snapshot over: 0.6 ms a recorded step.
+    meter, now, step, fused = CostMeter(), 0.0, 0, True
+    while not meter.done:
+        step += 1
+        seconds = 0.012 - 0.004 * min(step, 20) / 20 + (0.0005 if fused else 0.0)
+        start = now + seconds
+        end = start + (0.0001 if fused else 0.002)  # a separate snapshot takes longer
+        meter.add(step, start, end, None if fused else 0.001, fused_call=fused,
+                  handover=0.0001 if fused else None)
+        fused = not meter.wants_plain_step(fused)
+        now = end
+    assert meter.record_cost() == pytest.approx(0.0006, abs=3e-5)
+    assert meter.step_time() == pytest.approx(0.0095, abs=6e-4)

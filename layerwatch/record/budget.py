@@ -21,7 +21,11 @@ class CostMeter:
     one fused into the train step (see :mod:`layerwatch.record.fused`) costs what
     that train call takes beyond a plain one, plus the callback's time to
     hand it over. With fused snapshots at every step, the meter asks for
-    every other one to be taken separately, so plain train calls get timed.
+    every other one to be taken separately, so fused and plain train calls
+    alternate; a fused call's extra time is its difference from the plain
+    calls on either side of it, and the median of those is the estimate
+    (steps get faster over a fit's first batches, and a slow spell of the
+    machine lasts several steps: both fall on the two alike).
     """
 
     warmup = 2     # batch ends skipped: tracing and compilation
@@ -33,6 +37,7 @@ class CostMeter:
         self._last_step: int | None = None
         self._train: list[float] = []       # seconds per plain optimizer step
         self._fused: list[float] = []       # seconds per fused optimizer step
+        self._calls: list[tuple[bool, float]] = []  # (fused?, seconds), in order
         self._handover: list[float] = []    # callback seconds after a fused step
         self._record: list[float] = []      # callback seconds per separate snapshot
         self._write: list[float] = []       # of which handing it to the writer
@@ -53,6 +58,7 @@ class CostMeter:
                 self._handover.append(end - start if handover is None else handover)
             else:
                 self._train.append(seconds)
+            self._calls.append((fused_call, seconds))
             if write is not None:
                 self._record.append(end - start)
                 self._write.append(write)
@@ -60,9 +66,11 @@ class CostMeter:
             self.last_step = step
         self._last_end, self._last_step = end, step
 
-    def wants_plain_step(self) -> bool:
-        """Whether the next snapshot should be taken separately (a plain step follows)."""
-        return len(self._train) < len(self._fused)
+    def wants_plain_step(self, fused_call: bool) -> bool:
+        """Whether the next snapshot should be taken separately, so that a plain
+        train call follows: after each fused call (``fused_call``: the one this
+        batch end follows) once the warm-up is over, so the two alternate."""
+        return fused_call and self._seen >= self.warmup
 
     @property
     def done(self) -> bool:
@@ -72,10 +80,23 @@ class CostMeter:
         return float(np.median(self._train)) if self._train else None
 
     def record_cost(self) -> float | None:
+        """Seconds one recorded step costs: a fused call's extra time (the median
+        difference from its neighbouring plain calls) and its handover; without
+        fused calls, a separate snapshot's time."""
         if self._fused and self._train:
-            return max(0.0, float(np.median(self._fused) - np.median(self._train))) \
-                + float(np.median(self._handover))
+            return max(0.0, float(np.median(self._extra()))) + float(np.median(self._handover))
         return float(np.median(self._record)) if self._record else None
+
+    def _extra(self) -> list[float]:
+        """Per fused call beside a plain one: its seconds minus the mean of the
+        plain calls just before and after it (those there are)."""
+        calls = self._calls
+        extra = []
+        for i, (fused, seconds) in enumerate(calls):
+            plain = [s for f, s in calls[max(i - 1, 0):i] + calls[i + 1:i + 2] if not f]
+            if fused and plain:
+                extra.append(seconds - sum(plain) / len(plain))
+        return extra or [float(np.median(self._fused) - np.median(self._train))]
 
     def write_cost(self) -> float:
         return float(np.median(self._write)) if self._write else 0.0

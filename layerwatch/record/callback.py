@@ -322,7 +322,7 @@ class LayerWatch(keras.callbacks.Callback):
             recorded = self._last_step is None or \
                 step // self.every > self._last_step // self.every
             direct = recorded and (self._deferred is None or (
-                self._meter is not None and self._meter.wants_plain_step()))
+                self._meter is not None and self._meter.wants_plain_step(fused_call)))
             scalars = self._step_values.convert(self._scalars(logs, with_lr=direct), batch) \
                 if logs else {}
             written = None
