@@ -5,10 +5,13 @@
     python bench/train_step.py --quick                  # tiny sizes, a smoke run
 
 The seed model's train function is called in a tight loop, with no fit() loop
-and no callbacks around it, under three conditions that take turns in blocks
+and no callbacks around it, under four conditions that take turns in blocks
 of ``--calls`` calls (the order rotated every round):
 
-  plain         the model's own train function
+  plain         the model's own train function (Keras')
+  skipped       layerwatch's fused train function at a step it does not record
+                (the probes skipped by its tf.cond: what every= leaves between
+                recorded steps)
   fused         layerwatch's fused train function (layerwatch/record/fused.py: the
                 probes run inside the train step's graph, on the weights the
                 step starts from), their activations taken as NumPy arrays as
@@ -98,6 +101,7 @@ def run(args) -> int:
     # (as LayerWatch stores the seed model's tanh layers)
     feed = np.asarray(probes, dtype=np.float32)
     like = [np.asarray(a) for a in recorder.predict_on_batch(feed)]  # the shapes handed back
+    own = model.train_function  # Keras' own, before the fused one takes its place
     fusion = FusedProbePass(model, recorder, feed, like)
     fusion.install()
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch_size, drop_remainder=True)
@@ -111,8 +115,12 @@ def run(args) -> int:
     steps = [0]
 
     def plain():
-        logs = model.train_function(iterator)
+        logs = own(iterator)
         {k: float(v) for k, v in logs.items()}  # noqa: B018  (what fit() reads back)
+
+    def skipped():
+        logs = model.train_function(iterator)  # the fused one, nothing wanted
+        {k: float(v) for k, v in logs.items()}  # noqa: B018
 
     def fused():
         fusion.wanted = True
@@ -125,7 +133,7 @@ def run(args) -> int:
         writer.add_snapshot(steps[0], 0, arrays)
         steps[0] += 1
 
-    calls = {"plain": plain, "fused": fused, "fused+writer": fused_written}
+    calls = {"plain": plain, "skipped": skipped, "fused": fused, "fused+writer": fused_written}
     for call in calls.values():  # tracing and warm-up, not timed
         for _ in range(max(args.calls, 10)):
             call()
