@@ -35,9 +35,7 @@ class CostMeter:
         self._seen = 0
         self._last_end: float | None = None
         self._last_step: int | None = None
-        self._train: list[float] = []       # seconds per plain optimizer step
-        self._fused: list[float] = []       # seconds per fused optimizer step
-        self._calls: list[tuple[bool, float]] = []  # (fused?, seconds), in order
+        self._calls: list[tuple[bool, float]] = []  # (fused?, seconds per step), in order
         self._handover: list[float] = []    # callback seconds after a fused step
         self._record: list[float] = []      # callback seconds per separate snapshot
         self._write: list[float] = []       # of which handing it to the writer
@@ -54,10 +52,7 @@ class CostMeter:
         if self._seen > self.warmup and self._last_end is not None and step > self._last_step:
             seconds = (start - self._last_end) / (step - self._last_step)
             if fused_call:
-                self._fused.append(seconds)
                 self._handover.append(end - start if handover is None else handover)
-            else:
-                self._train.append(seconds)
             self._calls.append((fused_call, seconds))
             if write is not None:
                 self._record.append(end - start)
@@ -74,29 +69,33 @@ class CostMeter:
 
     @property
     def done(self) -> bool:
-        return len(self._train) + len(self._fused) >= self.batches
+        return len(self._calls) >= self.batches
 
     def step_time(self) -> float | None:
-        return float(np.median(self._train)) if self._train else None
+        """Seconds a plain train call takes (median), None before one ran."""
+        plain = [seconds for fused, seconds in self._calls if not fused]
+        return float(np.median(plain)) if plain else None
 
     def record_cost(self) -> float | None:
         """Seconds one recorded step costs: a fused call's extra time (the median
         difference from its neighbouring plain calls) and its handover; without
         fused calls, a separate snapshot's time."""
-        if self._fused and self._train:
-            return max(0.0, float(np.median(self._extra()))) + float(np.median(self._handover))
+        extra = self._extra()
+        if extra:
+            return max(0.0, float(np.median(extra))) + float(np.median(self._handover))
         return float(np.median(self._record)) if self._record else None
 
     def _extra(self) -> list[float]:
         """Per fused call beside a plain one: its seconds minus the mean of the
-        plain calls just before and after it (those there are)."""
+        plain calls just before and after it (those there are); empty unless
+        both kinds ran."""
         calls = self._calls
         extra = []
         for i, (fused, seconds) in enumerate(calls):
             plain = [s for f, s in calls[max(i - 1, 0):i] + calls[i + 1:i + 2] if not f]
             if fused and plain:
                 extra.append(seconds - sum(plain) / len(plain))
-        return extra or [float(np.median(self._fused) - np.median(self._train))]
+        return extra
 
     def write_cost(self) -> float:
         return float(np.median(self._write)) if self._write else 0.0
