@@ -81,3 +81,11 @@ def test_phases_quick(tmp_path):
                   "total"):
         assert re.search(rf"^phase {phase} +\d+\.\d +\d+\.\d +[+-]\d+\.\d$", out,
                          re.MULTILINE), out
+
+
+def test_callback_sync_quick(tmp_path):
+    out = _run_quick("callback_sync.py", tmp_path)
+    assert re.search(r"^step: \d+\.\d+ ms", out, re.MULTILINE), out
+    for condition in ("none", "noop", "noop-async-safe"):
+        assert re.search(rf"^{condition} +fit \d+\.\d+ s; ÷ none \d+\.\d+", out,
+                         re.MULTILINE), out
