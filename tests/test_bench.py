@@ -89,3 +89,14 @@ def test_callback_sync_quick(tmp_path):
     for condition in ("none", "noop", "noop-async-safe"):
         assert re.search(rf"^{condition} +fit \d+\.\d+ s; ÷ none \d+\.\d+", out,
                          re.MULTILINE), out
+
+
+def test_features_quick(tmp_path):
+    out = _run_quick("features.py", tmp_path)
+    assert re.search(r"^step: \d+\.\d+ ms", out, re.MULTILINE), out
+    # Step 0's call runs in on_train_begin; steps 10, 20 and 30 at batch ends.
+    calls = re.findall(r"^features call at batch (\d+): compute \d+ ms, stall -?\d+ ms", out,
+                       re.MULTILINE)
+    assert calls == ["9", "19", "29"], out
+    assert re.search(r"^stall - compute: median [+-]\d+\.\d ms over 3 call", out,
+                     re.MULTILINE), out

@@ -161,10 +161,13 @@ class LayerWatch(keras.callbacks.Callback):
         replaced by the best probe. Default None: off. One-input Sequential or
         Functional models with a floating-point input only (else a ValueError
         at ``fit``'s start). One features call runs 32 forward and backward
-        passes over a batch of (layers × ``features_channels``) inputs, about
-        0.6–0.9 s on the seed recipe's CPU model: choose ``features_every`` in
-        the hundreds of steps there, and bound the batch on wide models with
-        ``layers=`` or ``features_channels=``. Not counted in ``budget``.
+        passes over a batch of (layers × ``features_channels``) inputs, in the
+        training loop at a batch end: on the seed model on a 2-core CPU
+        0.15–0.3 s a call (the first, which compiles, 0.25–1.4 s), some 20
+        train steps at batch 64 (``bench/features.py``). Choose
+        ``features_every`` in the hundreds of steps there, and bound the batch
+        on wide models with ``layers=`` or ``features_channels=``. Not counted
+        in ``budget``.
     features_channels : int, default 8
         Feature images per layer (the first recorded channels).
 
