@@ -19,8 +19,9 @@ Seed model, batch 64, 3 epochs; each round runs the three conditions once, in
 rotating order, on a fresh model with the same seed. Prints each condition's
 whole-fit time and its ratio to the round's plain fit (median, quartiles), and
 the step time (median gap between batch begins in the no-op fits, whose loop
-waits for each step; without that wait the loop only dispatches steps). On TensorFlow Keras never dispatches
-callbacks asynchronously, so the three conditions should tie there.
+waits for each step; without that wait the loop only dispatches steps). On
+TensorFlow Keras never dispatches callbacks asynchronously, so the three
+conditions should tie there.
 """
 
 from __future__ import annotations

@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     watch = LayerWatch(path, probes, labels, features_every=args.every,
                        features_channels=8)
     print(f"# bench/features.py — {_common.machine()}")
-    print(f"# seed model, batch 64, {len(x)} examples, {args.epochs} epoch(s), features_every={args.every}, "
-          f"8 channels a layer, {_common.load_average()}")
+    print(f"# seed model, batch 64, {len(x)} examples, {args.epochs} epoch(s), "
+          f"features_every={args.every}, 8 channels a layer, {_common.load_average()}")
     FeatureAscent.__call__ = timed_call
     try:
         model.fit(x, y, batch_size=64, epochs=args.epochs, verbose=0,
@@ -100,8 +100,9 @@ def main(argv=None) -> int:
     extras = []
     for (start, seconds), i in zip(calls, at):
         if i < 0 or i >= len(gaps):
-            print(f"features call at the {'train begin' if i < 0 else 'train end'}: compute "
-                  f"{1000 * seconds:.0f} ms (outside the steps)")
+            where = "at the train begin" if i < 0 else "after the last batch begin"
+            print(f"features call {where}: compute {1000 * seconds:.0f} ms (no step gap to "
+                  "compare)")
             continue
         stall = gaps[i] - step
         after = sum(g - step for g in gaps[i + 1:i + 1 + AFTER])
