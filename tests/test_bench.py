@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -100,3 +102,16 @@ def test_features_quick(tmp_path):
     assert calls == ["9", "19", "29"], out
     assert re.search(r"^stall - compute: median [+-]\d+\.\d ms over 3 call", out,
                      re.MULTILINE), out
+
+
+def test_torch_replay_quick(tmp_path):
+    pytest.importorskip("torch")
+    env = dict(os.environ, TMPDIR=str(tmp_path), KERAS_BACKEND="torch")
+    proc = subprocess.run([sys.executable, str(BENCH / "torch_replay.py"), "--quick"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    # The seed model's six conv layers; the copies into NCHW (of 6 convs' and 2 pools' inputs).
+    assert re.search(r"^seed: 6 recorded layers, 8 of \d+ contiguous\(\) calls left out; "
+                     r"lean graph same as Keras' pass: yes$", out, re.MULTILINE), out
+    _assert_ratio(out, "seed lean/full")

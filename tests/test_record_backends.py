@@ -175,12 +175,51 @@ def test_torch_probe_pass_replays_a_trace_that_follows_the_weights(tiny_data):
     before = _outputs(reference, probes)
     same(replay(probes), before)
     assert replay.failed is None
+    # Convolutions get the same channels-last input either way: no copies needed.
+    assert replay.lean
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     after = _outputs(reference, probes)
     assert not np.allclose(before[1], after[1], atol=ATOL)
     same(replay(probes), after)
     other = x[3:5]
     same(replay(other), _outputs(reference, other))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's traced probe pass")
+@pytest.mark.parametrize("how", ["differs", "fails"])
+def test_torch_trace_keeps_its_layout_copies_when_the_lean_graph_is_not_kerass(
+        monkeypatch, tiny_data, how):
+    # Without its layout copies an op may compute differently (on this machine a
+    # transposed convolution does): the trace with every copy is checked and used
+    # instead, and it still follows the weights.
+    from layerwatch.record import torch_trace
+
+    x, y = tiny_data
+    model, reference = _model()
+    probes = x[:3]
+    replay_of = torch_trace._replay
+    lean_graphs = []
+
+    def drop_copies(graph):
+        lean_graphs.append(graph)
+        if how == "fails":
+            raise RuntimeError("a graph TorchScript cannot rewrite")
+
+    def replay(traced, tensors):
+        arrays = replay_of(traced, tensors)
+        if traced.graph in lean_graphs:  # the lean graph, made to differ
+            arrays[0] = arrays[0] + 1
+        return arrays
+
+    monkeypatch.setattr(torch_trace, "_drop_copies", drop_copies)
+    monkeypatch.setattr(torch_trace, "_replay", replay)
+    traced = torch_trace.TracedProbes(reference)
+    for step in range(2):
+        want = _outputs(reference, probes)
+        for got, expected in zip(traced(probes), want):
+            np.testing.assert_array_equal(got, expected)
+        assert traced.failed is None and not traced.lean and len(lean_graphs) == 1
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
 
 
 def _finite_difference_saliency(model, probes, labels, eps=1e-2):
