@@ -4,7 +4,7 @@ On PyTorch, LayerWatch replays a ``torch.jit`` trace of Keras' forward pass
 on the probes at every recorded step (``layerwatch/record/torch_trace.py``),
 without the copies Keras' ops make of each convolution's and pooling's input
 into NCHW (``contiguous()``) when that gives Keras' own numbers. This times the two graphs
-on the same probes, in alternating rounds, beside Keras' own pass
+on the same probes, in rounds that alternate their order, beside Keras' own pass
 (``predict_on_batch``), for the seed model and ``keras.applications`` models
 (untrained, 32x32 RGB, 10 random probes), each recorded the way LayerWatch
 records it by default (every conv layer, cast for storage).
@@ -88,10 +88,12 @@ def measure(name: str, *, rounds: int, repeats: int) -> None:
     same = all(np.array_equal(g, w) for g, w in zip(torch_trace._replay(lean, tensors), want))
     times: dict[str, list[float]] = {"full": [], "lean": [], "keras": []}
     ratios = []
-    for _ in range(rounds):
-        times["full"].append(_time(lambda: torch_trace._replay(full, tensors), repeats))
-        times["lean"].append(_time(lambda: torch_trace._replay(lean, tensors), repeats))
-        times["keras"].append(_time(lambda: recorder.predict_on_batch(feed), repeats))
+    calls = {"full": lambda: torch_trace._replay(full, tensors),
+             "lean": lambda: torch_trace._replay(lean, tensors),
+             "keras": lambda: recorder.predict_on_batch(feed)}
+    for turn in range(rounds):
+        for kind in ("full", "lean", "keras") if turn % 2 == 0 else ("lean", "full", "keras"):
+            times[kind].append(_time(calls[kind], repeats))
         ratios.append(times["lean"][-1] / times["full"][-1])
     median = {k: statistics.median(v) for k, v in times.items()}
     print(f"{name}: {len(recorder.outputs)} recorded layers, {copies - left} of {copies} "

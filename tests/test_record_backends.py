@@ -187,7 +187,7 @@ def test_torch_probe_pass_replays_a_trace_that_follows_the_weights(tiny_data):
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's traced probe pass")
 @pytest.mark.parametrize("how", ["differs", "fails"])
-def test_torch_trace_keeps_its_layout_copies_when_the_lean_graph_is_not_kerass(
+def test_torch_trace_keeps_its_layout_copies_where_the_lean_graph_differs_or_fails(
         monkeypatch, tiny_data, how):
     # Without its layout copies an op may compute differently (on this machine a
     # transposed convolution does): the trace with every copy is checked and used

@@ -16,7 +16,7 @@ probes it was traced on, falls back to ``predict_on_batch``.
 The replay leaves out the copies Keras' PyTorch ops make of each
 convolution's and pooling's input into NCHW; the copies back into
 channels-last then find their input in that layout and make none
-(:func:`_drop_copies`; 0.79 against 0.62 ms a pass on the seed model,
+(:func:`_drop_copies`; 0.80 against 0.62 ms a pass on the seed model,
 ``bench/torch_replay.py``). A copy never changes a value, but
 an op may compute differently on another layout, so the lean graph passes the
 same check against Keras' pass; if it fails, the trace with every copy is
