@@ -149,12 +149,14 @@ def _assert_killed_file(path: Path, steps: np.ndarray, tmp_path: Path):
 def test_kill_while_idle_mid_epoch_loses_nothing_flushed(keras_children, tmp_path):
     # Parked after step 10 with fewer than flush_snapshots waiting: the writer
     # thread's timer must still put the snapshots taken on disk. On TensorFlow
-    # the probes of step 10 run inside step 11's train call (layerwatch/fused.py),
-    # which also reads the learning rate logged with step 10: a kill while
-    # parked costs that one step's snapshot and logs; steps 0..9 are on disk.
+    # and JAX the probes of step 10 run inside step 11's train call
+    # (layerwatch/record/fused.py, jax_fused.py), which also reads the learning
+    # rate logged with step 10: a kill while parked costs that one step's
+    # snapshot and logs; steps 0..9 are on disk. PyTorch records step 10 at its
+    # batch end.
     child = keras_children["idle_mid_epoch"]
     assert child.wait_for("READY") == "READY 10"
-    taken = 10 if keras.backend.backend() == "tensorflow" else 11
+    taken = 11 if keras.backend.backend() == "torch" else 10
     _poll(_when(child.path, lambda run: run.num_snapshots == taken), "steps on disk")
     time.sleep(0.5)
     with open_run(child.path) as run:
