@@ -16,8 +16,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def _run_quick(script: str, tmp_path) -> str:
-    env = dict(os.environ, TMPDIR=str(tmp_path))  # the scripts' files land in tmp_path
+def _run_quick(script: str, tmp_path, **env_vars: str) -> str:
+    # The scripts' files land in tmp_path; env_vars set more (e.g. KERAS_BACKEND).
+    env = dict(os.environ, TMPDIR=str(tmp_path), **env_vars)
     proc = subprocess.run([sys.executable, str(BENCH / script), "--quick"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -113,11 +114,7 @@ def test_features_quick(tmp_path):
 
 def test_torch_replay_quick(tmp_path):
     pytest.importorskip("torch")
-    env = dict(os.environ, TMPDIR=str(tmp_path), KERAS_BACKEND="torch")
-    proc = subprocess.run([sys.executable, str(BENCH / "torch_replay.py"), "--quick"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    out = _run_quick("torch_replay.py", tmp_path, KERAS_BACKEND="torch")
     # The seed model's six conv layers; the copies into NCHW (of 6 convs' and 2 pools' inputs).
     assert re.search(r"^seed: 6 recorded layers, 8 of \d+ contiguous\(\) calls left out; "
                      r"lean graph same as Keras' pass: yes$", out, re.MULTILINE), out
