@@ -1,13 +1,18 @@
-"""PyTorch: the traced probe pass with and without its layout copies.
+"""PyTorch: the traced probe pass as traced and as LayerWatch replays it.
 
 On PyTorch, LayerWatch replays a ``torch.jit`` trace of Keras' forward pass
 on the probes at every recorded step (``layerwatch/record/torch_trace.py``),
-without the copies Keras' ops make of each convolution's and pooling's input
-into NCHW (``contiguous()``) when that gives Keras' own numbers. This times the two graphs
-on the same probes, in rounds that alternate their order, beside Keras' own pass
-(``predict_on_batch``), for the seed model and ``keras.applications`` models
-(untrained, 32x32 RGB, 10 random probes), each recorded the way LayerWatch
-records it by default (every conv layer, cast for storage).
+leaner than traced when that gives Keras' own numbers
+(``layerwatch/record/torch_graph.py``): without the copies Keras' ops make of
+each convolution's and pooling's input into NCHW (``contiguous()``), and with
+each convolution adding its own bias. This times three graphs on the same
+probes — as traced (``full``), without the copies only (``nocopy``), and the
+lean one LayerWatch replays — in rounds that rotate their order, beside Keras'
+own pass (``predict_on_batch``), for the seed model and ``keras.applications``
+models (untrained, 32x32 RGB, 10 random probes), each recorded the way
+LayerWatch records it by default (every conv layer, cast for storage). Every
+bias gets random values first (an untrained model's are zeros, which would
+make any way of adding them look exact).
 
     KERAS_BACKEND=torch python bench/torch_replay.py                 # ~1 min
     KERAS_BACKEND=torch python bench/torch_replay.py --models seed ResNet50
@@ -50,6 +55,10 @@ def _probe_pass(name: str):
         model = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3),
                                                   classes=10)
         probes = np.random.default_rng(0).normal(size=(10, 32, 32, 3)).astype("float32")
+    rng = np.random.default_rng(1)
+    for variable in model.weights:
+        if variable.path.endswith("bias"):
+            variable.assign(rng.normal(scale=0.1, size=variable.shape).astype(variable.dtype))
     probes_pass = ProbePass(model, probes, layers=None, dtype="auto", max_channels=None,
                             channel_selection="first")
     return probes_pass.recorder, probes_pass.feed
@@ -74,34 +83,44 @@ def measure(name: str, *, rounds: int, repeats: int) -> None:
     import keras
     import numpy as np
 
-    from layerwatch.record import probe_pass, torch_trace
+    from layerwatch.record import probe_pass, torch_graph, torch_trace
 
     recorder, feed = _probe_pass(name)
     inputs = list(feed) if isinstance(feed, (list, tuple)) else [feed]
     tensors = tuple(keras.ops.convert_to_tensor(a) for a in inputs)
     full = torch_trace._trace(recorder, tensors)
+    nocopy = torch_trace._trace(recorder, tensors)
+    torch_graph.drop_copies(nocopy.graph)
     lean = torch_trace._trace(recorder, tensors)
-    torch_trace._drop_copies(lean.graph)
+    torch_graph.drop_copies(lean.graph)
+    fused = torch_graph.fuse_conv_biases(lean.graph)
     copies = sum(n.kind() == "aten::contiguous" for n in full.inlined_graph.nodes())
     left = sum(n.kind() == "aten::contiguous" for n in lean.graph.nodes())
+    convolutions = sum(n.kind() == "aten::_convolution" for n in lean.graph.nodes())
     want = probe_pass._numpy(recorder.predict_on_batch(feed))
     same = all(np.array_equal(g, w) for g, w in zip(torch_trace._replay(lean, tensors), want))
-    times: dict[str, list[float]] = {"full": [], "lean": [], "keras": []}
-    ratios = []
-    calls = {"full": lambda: torch_trace._replay(full, tensors),
-             "lean": lambda: torch_trace._replay(lean, tensors),
-             "keras": lambda: recorder.predict_on_batch(feed)}
+    graphs = {"full": full, "nocopy": nocopy, "lean": lean}
+    calls = {kind: (lambda graph=graph: torch_trace._replay(graph, tensors))
+             for kind, graph in graphs.items()}
+    calls["keras"] = lambda: recorder.predict_on_batch(feed)
+    times: dict[str, list[float]] = {kind: [] for kind in calls}
+    order = list(calls)
+    ratios: dict[str, list[float]] = {"lean/full": [], "lean/nocopy": []}
     for turn in range(rounds):
-        for kind in ("full", "lean", "keras") if turn % 2 == 0 else ("lean", "full", "keras"):
+        for kind in order[turn % len(order):] + order[:turn % len(order)]:
             times[kind].append(_time(calls[kind], repeats))
-        ratios.append(times["lean"][-1] / times["full"][-1])
+        for pair in ratios:
+            top, bottom = pair.split("/")
+            ratios[pair].append(times[top][-1] / times[bottom][-1])
     median = {k: statistics.median(v) for k, v in times.items()}
     print(f"{name}: {len(recorder.outputs)} recorded layers, {copies - left} of {copies} "
-          f"contiguous() calls left out; lean graph same as Keras' pass: "
-          f"{'yes' if same else 'no'}")
-    print(f"  replay with copies {median['full']:.3f} ms, without {median['lean']:.3f} ms, "
-          f"Keras' own pass {median['keras']:.3f} ms (medians of {rounds} rounds)")
-    print(f"ratio {name} lean/full = {_common.fmt_ratio(ratios)}", flush=True)
+          f"contiguous() calls left out, {fused} of {convolutions} convolutions add their own "
+          f"bias; lean graph same as Keras' pass: {'yes' if same else 'no'}")
+    print(f"  replay as traced {median['full']:.3f} ms, without copies "
+          f"{median['nocopy']:.3f} ms, lean {median['lean']:.3f} ms, Keras' own pass "
+          f"{median['keras']:.3f} ms (medians of {rounds} rounds)")
+    for pair, values in ratios.items():
+        print(f"ratio {name} {pair} = {_common.fmt_ratio(values)}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -109,7 +128,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["seed", *APPLICATIONS],
                         help="'seed' and keras.applications names (default: seed "
                              + " ".join(APPLICATIONS) + ")")
-    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds (default 7)")
+    parser.add_argument("--rounds", type=int, default=8,
+                        help="rounds, each in a rotated order (default 8)")
     parser.add_argument("--repeats", type=int, default=100, help="replays per round and graph")
     parser.add_argument("--quick", action="store_true", help="smoke run: seed model, 2 rounds")
     args = parser.parse_args(argv)

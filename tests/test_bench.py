@@ -116,6 +116,10 @@ def test_torch_replay_quick(tmp_path):
     pytest.importorskip("torch")
     out = _run_quick("torch_replay.py", tmp_path, KERAS_BACKEND="torch")
     # The seed model's six conv layers; the copies into NCHW (of 6 convs' and 2 pools' inputs).
-    assert re.search(r"^seed: 6 recorded layers, 8 of \d+ contiguous\(\) calls left out; "
+    # The convolutions that add their own (random, non-zero) bias: all six where
+    # this CPU's kernel gives the same bits that way.
+    assert re.search(r"^seed: 6 recorded layers, 8 of \d+ contiguous\(\) calls left out, "
+                     r"[0-6] of 6 convolutions add their own bias; "
                      r"lean graph same as Keras' pass: yes$", out, re.MULTILINE), out
     _assert_ratio(out, "seed lean/full")
+    _assert_ratio(out, "seed lean/nocopy")

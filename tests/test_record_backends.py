@@ -186,13 +186,56 @@ def test_torch_probe_pass_replays_a_trace_that_follows_the_weights(tiny_data):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's traced probe pass")
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_torch_replay_adds_a_bias_inside_its_convolution_only_where_that_is_exact(
+        tiny_data, policy):
+    # The replay hands a convolution its bias instead of adding it afterwards as
+    # Keras does, where this CPU's kernel gives the same bits at the layer's
+    # shapes (on the machine this was written on: float32 yes, float16 no).
+    # Biases start at zero, so the numbers are compared once training has moved them.
+    import torch
+
+    from layerwatch.record.torch_trace import TracedProbes
+
+    x, y = tiny_data
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model, reference = _model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    probes = x[:3]
+    replay = TracedProbes(reference)
+    replay(probes)
+    expected = 0
+    for name in ("conv1", "conv2"):
+        layer = model.get_layer(name)
+        shape = (3,) + tuple(layer.input.shape[1:])
+        generator = torch.Generator().manual_seed(0)
+
+        def random(*size):
+            return torch.randn(*size, generator=generator).to(getattr(torch, layer.compute_dtype))
+
+        inputs = random(*shape).permute(0, 3, 1, 2)  # NHWC as the model holds it
+        kernel = random(*layer.kernel.shape).permute(3, 2, 0, 1).contiguous(
+            memory_format=torch.channels_last)
+        bias = random(layer.filters)
+        apart = torch.nn.functional.conv2d(inputs, kernel) + bias.reshape(1, -1, 1, 1)
+        expected += torch.equal(apart, torch.nn.functional.conv2d(inputs, kernel, bias))
+    assert replay.lean and replay.fused_biases == expected
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert np.abs(keras.ops.convert_to_numpy(model.get_layer("conv2").bias)).min() > 0
+    for got, want in zip(replay(probes), _outputs(reference, probes)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's traced probe pass")
 @pytest.mark.parametrize("how", ["differs", "fails"])
 def test_torch_trace_keeps_its_layout_copies_where_the_lean_graph_differs_or_fails(
         monkeypatch, tiny_data, how):
     # Without its layout copies an op may compute differently (on this machine a
     # transposed convolution does): the trace with every copy is checked and used
     # instead, and it still follows the weights.
-    from layerwatch.record import torch_trace
+    from layerwatch.record import torch_graph, torch_trace
 
     x, y = tiny_data
     model, reference = _model()
@@ -211,7 +254,7 @@ def test_torch_trace_keeps_its_layout_copies_where_the_lean_graph_differs_or_fai
             arrays[0] = arrays[0] + 1
         return arrays
 
-    monkeypatch.setattr(torch_trace, "_drop_copies", drop_copies)
+    monkeypatch.setattr(torch_graph, "drop_copies", drop_copies)
     monkeypatch.setattr(torch_trace, "_replay", replay)
     traced = torch_trace.TracedProbes(reference)
     for step in range(2):

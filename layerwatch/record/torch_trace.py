@@ -13,15 +13,14 @@ they stand. It is built on the first call and checked against Keras' own
 forward pass there; any failure or difference, and any input other than the
 probes it was traced on, falls back to ``predict_on_batch``.
 
-The replay leaves out the copies Keras' PyTorch ops make of each
-convolution's and pooling's input into NCHW; the copies back into
-channels-last then find their input in that layout and make none
-(:func:`_drop_copies`; 0.80 against 0.62 ms a pass on the seed model,
-``bench/torch_replay.py``). A copy never changes a value, but
-an op may compute differently on another layout, so the lean graph passes the
-same check against Keras' pass; if it fails, the trace with every copy is
-checked and used instead. No other TorchScript pass is run: its profiling and
-fusion passes cost 35 ms at the first replays and nothing less per step after.
+The replay leaves out work Keras' PyTorch ops do that changes no value
+(:mod:`~layerwatch.record.torch_graph`): the copies of each convolution's and
+pooling's input into NCHW, and each convolution's separate bias addition where
+its kernel adds the bias the same way (0.75 against 0.48 ms a pass on the seed
+model, ``bench/torch_replay.py``). The lean graph passes the same check
+against Keras' pass; if it fails, the trace as recorded is checked and used
+instead. No other TorchScript pass is run: its profiling and fusion passes
+cost 35 ms at the first replays and nothing less per step after.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
+from . import torch_graph
 from .probe_pass import _numpy
 
 
@@ -46,8 +46,10 @@ class TracedProbes:
         self._tensors: Any = None
         self.failed: str | None = None  # why the trace is not used, once tried
         self._single = False  # Keras' pass returns one array, not a list of them
-        #: Whether the replayed graph is the one without layout copies.
+        #: Whether the replayed graph is the lean one (:mod:`.torch_graph`).
         self.lean = False
+        #: How many convolutions of the lean graph add their own bias.
+        self.fused_biases = 0
 
     def __call__(self, x: Any):
         if self._traced is None and self.failed is None:
@@ -58,8 +60,8 @@ class TracedProbes:
         return arrays[0] if self._single else arrays
 
     def _trace(self, x: Any) -> None:
-        """Trace the call on ``x``: without its layout copies if that gives Keras'
-        numbers, else with them; neither (:attr:`failed` says why): Keras' pass."""
+        """Trace the call on ``x``: the lean graph if that gives Keras' numbers,
+        else the trace as recorded; neither (:attr:`failed` says why): Keras' pass."""
         extractor = self._extractor
         inputs = list(x) if isinstance(x, (list, tuple)) else [x]
         tensors = tuple(keras.ops.convert_to_tensor(a) for a in inputs)
@@ -71,8 +73,10 @@ class TracedProbes:
                 self.failed = f"{type(exc).__name__}: {exc}"
                 return
             try:
+                fused = 0
                 if lean:
-                    _drop_copies(traced.graph)
+                    torch_graph.drop_copies(traced.graph)
+                    fused = torch_graph.fuse_conv_biases(traced.graph)
                 got = _replay(traced, tensors)
                 if want is None:
                     keras_out = self._fallback(x)
@@ -85,7 +89,7 @@ class TracedProbes:
                     for g, w in zip(got, want)):
                 self._traced, self._input, self._tensors = traced, x, tensors
                 self._single = not isinstance(keras_out, (list, tuple))
-                self.failed, self.lean = None, lean
+                self.failed, self.lean, self.fused_biases = None, lean, fused
                 return
             self.failed = "the traced graph differs from Keras' forward pass"
 
@@ -106,35 +110,6 @@ def _trace(extractor: keras.Model, tensors: tuple) -> Any:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's notes on Python values
         return torch.jit.trace(Forward(), tensors, check_trace=False)
-
-
-def _drop_copies(graph: Any) -> None:
-    """Remove ``graph``'s copies into the default (NCHW) layout, in place,
-    before its first run.
-
-    Keras' PyTorch backend copies every convolution's and pooling's NHWC input
-    into a contiguous NCHW tensor (``contiguous()``), and then, for a
-    convolution, into channels-last, which is the layout the NHWC tensor had
-    in the first place. Without the first copy the second finds its input in
-    channels-last already and makes none, so the convolution gets the tensor
-    it gets in Keras' pass, in the same layout; a pooling reads channels-last.
-    Copies into channels-last stay (the kernels' are still made). The graph is
-    inlined first, so the nodes are all in one list.
-    """
-    import torch
-
-    torch._C._jit_pass_inline(graph)
-    for node in list(graph.nodes()):
-        if node.kind() == "aten::contiguous" and \
-                node.inputsAt(1).toIValue() == _CONTIGUOUS_FORMAT:
-            node.output().replaceAllUsesWith(node.inputsAt(0))
-            node.destroy()
-    torch._C._jit_pass_dce(graph)
-
-
-#: ``torch.contiguous_format`` as a TorchScript graph holds it (c10's
-#: ``MemoryFormat::Contiguous``; channels-last is 2).
-_CONTIGUOUS_FORMAT = 0
 
 
 def _replay(traced: Any, tensors: tuple) -> list[np.ndarray]:
