@@ -8,8 +8,8 @@ can leave out without changing a value:
   input into NCHW (0.75 → 0.58 ms a pass on the seed model);
 - :func:`fuse_conv_biases` hands each convolution its bias instead of adding
   it to the convolution's output afterwards (0.58 → 0.48 ms), where the
-  convolution kernel is shown, at that convolution's shapes and layouts, to
-  give the same bits both ways.
+  convolution is small and its kernel is shown, at that convolution's shapes
+  and layouts, to give the same bits both ways.
 
 Both work on the inlined graph in place, before its first run; the caller
 checks the rewritten graph against Keras' pass before using it.
@@ -63,15 +63,17 @@ def fuse_conv_biases(graph: Any) -> int:
     """Give each convolution followed by its bias addition the bias itself, in
     place; returns how many were fused.
 
-    Keras adds a convolution's bias as a tensor of its own
+    Keras adds a convolution's bias as an op of its own
     (``ops.add(outputs, reshape(bias))``): on the seed model's small tensors
-    that broadcast addition takes a third to a half of the convolution's time. The pattern is
+    that broadcast addition takes a third to a half of the convolution's
+    time. The pattern is
     ``add(permute?(convolution(x, kernel, None, ...)), reshape(bias), 1)``
     with the bias one-dimensional over the convolution's output channels, in
     one dtype throughout, and nothing else reading the convolution's output.
-    Such a convolution gets the bias only if :func:`_same_bits` shows that its
-    kernel, run at its traced shapes, strides and settings on random numbers,
-    gives bit for bit what the convolution and the separate addition give
+    Such a convolution gets the bias only if it is small
+    (:data:`FUSE_MAX_MULTIPLY_ADDS`) and :func:`_same_bits` shows that its
+    kernel, run at its traced shapes and settings on random numbers, gives bit
+    for bit what the convolution and the separate addition give
     (oneDNN adds the bias to the finished sum; a kernel that started its sum
     from the bias would round differently).
     """
@@ -174,8 +176,14 @@ def _multiply_adds(conv: Any) -> float:
 def _same_bits(conv: Any, permute: Any, reshape: Any) -> bool:
     """Whether ``conv`` with a bias gives what it gives without one plus the
     bias added as the graph adds it, on random numbers at its traced shapes,
-    strides, dtypes and settings (a private generator: the user's random
-    state is left alone)."""
+    dtypes and settings (a private generator: the user's random state is left
+    alone).
+
+    The input is tried in its traced layout and in both dense ones (channels
+    first and last): with copies left out, the replay may hand the
+    convolution a layout other than the one it was traced with, and the
+    kernel a library picks can depend on it.
+    """
     import torch
 
     args = [_constant(v) for v in list(conv.inputs())[3:]]
@@ -186,23 +194,41 @@ def _same_bits(conv: Any, permute: Any, reshape: Any) -> bool:
         return False
     generator = torch.Generator().manual_seed(0)
 
-    def like(value, scale=1.0):
+    def like(value, scale=1.0, strides=None):
         t = value.type()
-        out = torch.empty_strided(t.sizes(), t.strides(), dtype=torch.float32)
+        out = torch.empty_strided(t.sizes(), strides or t.strides(), dtype=torch.float32)
         out.normal_(generator=generator)
         return (out * scale).to(t.dtype())
 
     try:
+        sizes = _sizes(conv.inputsAt(0))
+        rank = len(sizes)
+        layouts = {tuple(conv.inputsAt(0).type().strides()),
+                   _dense_strides(sizes, list(range(rank))),
+                   _dense_strides(sizes, [0, *range(2, rank), 1])}
+        kernel, bias = like(conv.inputsAt(1), 0.3), like(reshape.inputsAt(0))
         with torch.no_grad():
-            x, kernel = like(conv.inputsAt(0)), like(conv.inputsAt(1), 0.3)
-            bias = like(reshape.inputsAt(0))
-            apart = torch.ops.aten._convolution(x, kernel, None, *args)
-            fused = torch.ops.aten._convolution(x, kernel, bias, *args)
-            if order is not None:
-                apart, fused = apart.permute(order), fused.permute(order)
-            return torch.equal(apart + bias.reshape(shape), fused)
+            for strides in layouts:
+                x = like(conv.inputsAt(0), strides=list(strides))
+                apart = torch.ops.aten._convolution(x, kernel, None, *args)
+                fused = torch.ops.aten._convolution(x, kernel, bias, *args)
+                if order is not None:
+                    apart, fused = apart.permute(order), fused.permute(order)
+                if not torch.equal(apart + bias.reshape(shape), fused):
+                    return False
+        return True
     except Exception:  # settings the op refuses outside the graph: leave it as traced
         return False
+
+
+def _dense_strides(sizes: list[int], order: list[int]) -> tuple[int, ...]:
+    """The strides of a dense tensor of ``sizes`` whose dimensions lie in memory
+    in ``order``, outermost first."""
+    strides, step = [0] * len(sizes), 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= max(sizes[dim], 1)
+    return tuple(strides)
 
 
 def _constant(value: Any) -> Any:
