@@ -94,7 +94,7 @@ def measure(name: str, *, rounds: int, repeats: int) -> None:
     lean = torch_trace._trace(recorder, tensors)
     torch_graph.drop_copies(lean.graph)
     fused = torch_graph.fuse_conv_biases(lean.graph)
-    copies = sum(n.kind() == "aten::contiguous" for n in full.inlined_graph.nodes())
+    copies = sum(n.kind() == "aten::contiguous" for n in full.graph.nodes())
     left = sum(n.kind() == "aten::contiguous" for n in lean.graph.nodes())
     convolutions = sum(n.kind() == "aten::_convolution" for n in lean.graph.nodes())
     want = probe_pass._numpy(recorder.predict_on_batch(feed))

@@ -186,6 +186,39 @@ def test_torch_probe_pass_replays_a_trace_that_follows_the_weights(tiny_data):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's traced probe pass")
+def test_torch_replay_follows_a_wrapped_torch_modules_buffers(tiny_data):
+    # A torch module inside the model (TorchModuleWrapper) keeps BatchNorm's
+    # running statistics as buffers, not Keras variables: training moves them
+    # in place, and the replay reads them as they stand, like the weights.
+    import torch
+
+    from layerwatch.record.torch_trace import TracedProbes
+
+    x, y = tiny_data
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((1, 8, 8))
+    norm = torch.nn.BatchNorm2d(4)
+    h = keras.layers.TorchModuleWrapper(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), norm),
+                                        output_shape=(None, 4, 6, 6), name="conv_torch")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(
+        keras.layers.Flatten()(keras.layers.Activation("tanh", name="act")(h))))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    reference = keras.Model(inputs, [model.get_layer("conv_torch").output,
+                                     model.get_layer("act").output])
+    x = np.moveaxis(x, -1, 1)
+    probes = x[:3]
+    replay = TracedProbes(reference)
+    for got, want in zip(replay(probes), _outputs(reference, probes)):
+        np.testing.assert_array_equal(got, want)
+    assert replay.failed is None
+    before = norm.running_mean.clone()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert not torch.equal(norm.running_mean, before)
+    for got, want in zip(replay(probes), _outputs(reference, probes)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's traced probe pass")
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
 def test_torch_replay_adds_a_bias_inside_its_convolution_only_where_that_is_exact(
         tiny_data, policy):

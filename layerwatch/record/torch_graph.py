@@ -106,8 +106,8 @@ def _drop_no_op_casts(graph: Any) -> None:
     """Remove ``aten::to`` nodes that return their input itself: same dtype,
     device and traced shape, no copy asked for, no memory format (Keras
     converts every operand it is handed; these sit between a convolution and
-    its bias addition). A cast of a parameter, whose own type has no shape,
-    stays: the bias it gives keeps its traced shape."""
+    its bias addition). A cast whose input has no traced shape stays: its
+    output's shape is the one the graph knows."""
     import torch
 
     for node in list(graph.nodes()):
