@@ -8,7 +8,9 @@ each convolution's and pooling's input into NCHW (``contiguous()``), and with
 each convolution adding its own bias. This times three graphs on the same
 probes — as traced (``full``), without the copies only (``nocopy``), and the
 lean one LayerWatch replays — in rounds that rotate their order, beside Keras'
-own pass (``predict_on_batch``), for the seed model and ``keras.applications``
+own pass (``predict_on_batch``) and, where LayerWatch would batch it, the lean
+graph replayed for 16 held steps at once (``together``, per step;
+``layerwatch/record/torch_batch.py``), for the seed model and ``keras.applications``
 models (untrained, 32x32 RGB, 10 random probes), each recorded the way
 LayerWatch records it by default (every conv layer, cast for storage). Every
 bias gets random values first (an untrained model's are zeros, which would
@@ -83,7 +85,7 @@ def measure(name: str, *, rounds: int, repeats: int) -> None:
     import keras
     import numpy as np
 
-    from layerwatch.record import probe_pass, torch_graph, torch_trace
+    from layerwatch.record import probe_pass, torch_batch, torch_graph, torch_trace
 
     recorder, feed = _probe_pass(name)
     inputs = list(feed) if isinstance(feed, (list, tuple)) else [feed]
@@ -103,12 +105,19 @@ def measure(name: str, *, rounds: int, repeats: int) -> None:
     calls = {kind: (lambda graph=graph: torch_trace._replay(graph, tensors))
              for kind, graph in graphs.items()}
     calls["keras"] = lambda: recorder.predict_on_batch(feed)
+    together, slots = _together(torch_batch, lean, tensors)
+    if slots:
+        calls["together"] = together
     times: dict[str, list[float]] = {kind: [] for kind in calls}
     order = list(calls)
     ratios: dict[str, list[float]] = {"lean/full": [], "lean/nocopy": []}
+    if slots:
+        ratios["together/lean"] = []
     for turn in range(rounds):
         for kind in order[turn % len(order):] + order[:turn % len(order)]:
-            times[kind].append(_time(calls[kind], repeats))
+            # A batched call replays `slots` steps: its time per step.
+            times[kind].append(_time(calls[kind], max(1, repeats // (slots or 1)))
+                               / (slots if kind == "together" else 1))
         for pair in ratios:
             top, bottom = pair.split("/")
             ratios[pair].append(times[top][-1] / times[bottom][-1])
@@ -119,8 +128,38 @@ def measure(name: str, *, rounds: int, repeats: int) -> None:
     print(f"  replay as traced {median['full']:.3f} ms, without copies "
           f"{median['nocopy']:.3f} ms, lean {median['lean']:.3f} ms, Keras' own pass "
           f"{median['keras']:.3f} ms (medians of {rounds} rounds)")
+    if slots:
+        print(f"  {slots} steps replayed together: {median['together']:.3f} ms a step "
+              f"(the first release checked: same as the single replays)")
+    else:
+        print(f"  steps replayed one by one: {together}")
     for pair, values in ratios.items():
         print(f"ratio {name} {pair} = {_common.fmt_ratio(values)}", flush=True)
+
+
+def _together(torch_batch, lean, tensors):
+    """(a call that holds and replays `slots` steps at once, slots), or (why not, 0).
+
+    The weights do not move between the held copies here; the first release,
+    made here, compares every copy's ops and outputs with the single replay."""
+    from layerwatch.record import torch_trace
+
+    try:
+        batch = torch_batch.BatchedReplay(lean.graph, lean.function, tensors, lean.state,
+                                          torch_trace._replay(lean, tensors))
+    except torch_batch.Unbatchable as exc:
+        return str(exc), 0
+
+    def cycle():
+        for _ in range(batch.slots):
+            batch.hold()
+        return batch.release()
+
+    cycle()
+    if batch.failed is not None:
+        return batch.failed, 0
+    batch.timed = True  # timed here, not by its own second release
+    return cycle, batch.slots
 
 
 def main(argv=None) -> int:

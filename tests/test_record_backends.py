@@ -298,6 +298,96 @@ def test_torch_trace_keeps_its_layout_copies_where_the_lean_graph_differs_or_fai
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
 
 
+def _fit_recording(path, data):
+    """A 48-step fit of :func:`_model` recorded in float32, every snapshot
+    checked against Keras' own pass after its step; the probe pass returned."""
+    x, y = data
+    model, reference = _model()
+    during = _Reference(reference, x[:3])
+    watch = LayerWatch(path, x[:3], budget=None, dtype="float32")
+    model.fit(x, y, batch_size=2, epochs=2, verbose=0, callbacks=[watch, during])
+    with h5py.File(path, "r") as f:
+        steps = f["steps"][:]
+        assert steps.tolist() == list(range(49))
+        assert f["epochs"][:].tolist() == [0] * 25 + [1] * 24
+        assert np.all(np.diff(f["wall_time"][:]) >= 0)
+        for key, tap in zip(("conv1", "conv2"), range(2)):
+            recorded = f[f"activations/{key}"][:]
+            for index, step in enumerate(steps[1:], start=1):
+                np.testing.assert_array_equal(recorded[index], during.seen[int(step)][tap])
+    return watch._probes._predict
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's batched replay")
+def test_torch_steps_replayed_together_keep_each_steps_own_numbers(monkeypatch, tmp_path,
+                                                                   tiny_data):
+    # On a small model the probes of up to 16 steps are replayed in one pass
+    # (layerwatch.record.torch_batch): each snapshot is still exactly Keras'
+    # pass on the weights of its own step, in step order, with its own epoch.
+    from layerwatch.record import torch_batch
+
+    monkeypatch.setattr(torch_batch, "FASTER", float("inf"))  # not timed here
+    replay = _fit_recording(tmp_path / "run.h5", tiny_data)
+    # Where this CPU's grouped convolutions or vectorized ops give other bits
+    # than the single replay's, steps are replayed one by one: the file is
+    # the same. Nothing else may stop the batching on this model.
+    if replay.unbatched is None:
+        assert replay.slots == torch_batch.SLOTS
+    else:
+        assert "differs" in replay.unbatched or "other bits" in replay.unbatched, \
+            replay.unbatched
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's batched replay")
+@pytest.mark.parametrize("how, reason", [
+    ("an op differs", "gives other bits for elements computed one at a time"),
+    ("the pass differs", "the batched replay differs from the single one"),
+    ("slower", "no faster here"),
+])
+def test_torch_batched_replay_gives_way_to_single_replays(monkeypatch, tmp_path, tiny_data,
+                                                          how, reason):
+    # No batched replay where an op may give other bits for an element at
+    # another position; none after a first release that differs from the
+    # single replay, or a second that is not faster. No step loses its numbers.
+    from layerwatch.record import torch_batch
+
+    if how == "slower":
+        monkeypatch.setattr(torch_batch, "FASTER", 0.0)
+    else:
+        monkeypatch.setattr(torch_batch, "FASTER", float("inf"))
+        monkeypatch.setattr(torch_batch, "_same", lambda a, b: False)
+        if how == "the pass differs":
+            monkeypatch.setattr(torch_batch._Program, "_check_position_free",
+                                lambda *args: None)
+    replay = _fit_recording(tmp_path / "run.h5", tiny_data)
+    assert replay.slots == 0
+    assert reason in replay.unbatched
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's batched replay")
+def test_torch_held_steps_reach_the_file_when_fit_raises(monkeypatch, tmp_path, tiny_data):
+    # Steps waiting for one replay of several are recorded when the process
+    # exits after fit() raised (the exit hook closes the files left open).
+    from layerwatch.record import callback, torch_batch
+
+    monkeypatch.setattr(torch_batch, "FASTER", float("inf"))
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 4:
+                raise RuntimeError("stopped at step 5")
+
+    x, y = tiny_data
+    model, _ = _model()
+    watch = LayerWatch(tmp_path / "run.h5", x[:3], budget=None)
+    with pytest.raises(RuntimeError, match="step 5"):
+        model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[watch, Stop()])
+    callback._close_open_writers()  # what the exit hook does
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert f["steps"][:].tolist() == list(range(6))
+        assert len(f["activations/conv1"]) == 6
+
+
 def _finite_difference_saliency(model, probes, labels, eps=1e-2):
     """d model(x)[label] / dx by central differences, one batched call per side."""
     size = probes[0].size

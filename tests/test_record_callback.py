@@ -837,6 +837,27 @@ def test_the_time_budget_times_fused_and_plain_calls_in_turn(tmp_path, tiny_data
         assert f["steps"][:].tolist() == list(range(25))  # every step still recorded
 
 
+@pytest.mark.parametrize("every", [1, 4])
+def test_the_time_budget_spreads_a_replay_of_held_steps_over_them(every):
+    # Snapshots held for one replay of 16 steps: 0.1 ms at a holding batch
+    # end, 8 ms more at the one that replays them; 0.6 ms a recorded step. The
+    # meter waits for a replay, however far apart the recorded steps are.
+    meter, now, step, held = CostMeter(), 0.0, 0, 0
+    while not meter.done:
+        step += 1
+        start = now + 0.010
+        recorded = step % every == 0
+        held += recorded
+        released = held == 16
+        end = start + (0.0001 if recorded else 0.00002) + (0.008 if released else 0.0)
+        meter.add(step, start, end, 0.0 if recorded else None, held=recorded,
+                  released=released)
+        held %= 16
+        now = end
+    assert step >= 16 * every
+    assert meter.record_cost() == pytest.approx(0.0001 + 0.008 / 16, rel=0.05)
+
+
 def test_the_time_budget_measures_a_fused_calls_extra_time_between_neighbours():
     # Steps speeding up from 12 to 8 ms over the measured batches, fused calls
     # 0.5 ms longer, 0.1 ms to hand a snapshot over: 0.6 ms a recorded step.

@@ -67,7 +67,10 @@ def _child(kind: str, path: str) -> None:
         def on_train_batch_end(self, batch, logs=None):
             if int(self.model.optimizer.iterations.numpy()) != ACT_AT_STEP:
                 return
-            watch._writer.flush(wait=True)  # what was recorded so far is on disk
+            # What was recorded so far is on disk (on PyTorch, the steps held
+            # for one replay of several reach the writer first).
+            watch._held.release()
+            watch._writer.flush(wait=True)
             if kind == "removed":
                 os.link(path, path + ".kept")  # the inode stays readable under another name
                 os.unlink(path)

@@ -25,7 +25,10 @@ class CostMeter:
     alternate; a fused call's extra time is its difference from the plain
     calls on either side of it, and the median of those is the estimate
     (steps get faster over a fit's first batches, and a slow spell of the
-    machine lasts several steps: both fall on the two alike).
+    machine lasts several steps: both fall on the two alike). A step held for
+    one replay of several (PyTorch, :mod:`~layerwatch.record.held`) costs
+    little at its batch end and the replay's time at the one that releases it:
+    its estimate is the mean over the measured steps, once one released.
     """
 
     warmup = 2     # batch ends skipped: tracing and compilation
@@ -39,15 +42,19 @@ class CostMeter:
         self._handover: list[float] = []    # callback seconds after a fused step
         self._record: list[float] = []      # callback seconds per separate snapshot
         self._write: list[float] = []       # of which handing it to the writer
+        self._held = False                  # snapshots held for one replay of several
+        self._released = False              # a replay of held snapshots was measured
         self.first_step: int | None = None
         self.last_step: int | None = None
 
     def add(self, step: int, start: float, end: float, write: float | None, *,
-            fused_call: bool = False, handover: float | None = None) -> None:
+            fused_call: bool = False, handover: float | None = None,
+            held: bool = False, released: bool = False) -> None:
         """One batch end: its callback ran from ``start`` to ``end``; ``write``
         is the part after a separate snapshot was taken (None: none was);
         ``handover`` the part spent taking over a fused call's snapshot
-        (default all of it)."""
+        (default all of it); ``held``: the step's snapshot was held (``write``
+        then 0), ``released``: held snapshots were replayed in it."""
         self._seen += 1
         if self._seen > self.warmup and self._last_end is not None and step > self._last_step:
             seconds = (start - self._last_end) / (step - self._last_step)
@@ -57,6 +64,8 @@ class CostMeter:
             if write is not None:
                 self._record.append(end - start)
                 self._write.append(write)
+            self._held |= held
+            self._released |= released
             self.first_step = step if self.first_step is None else self.first_step
             self.last_step = step
         self._last_end, self._last_step = end, step
@@ -69,7 +78,7 @@ class CostMeter:
 
     @property
     def done(self) -> bool:
-        return len(self._calls) >= self.batches
+        return len(self._calls) >= self.batches and (self._released or not self._held)
 
     def step_time(self) -> float | None:
         """Seconds a plain train call takes (median), None before one ran."""
@@ -83,6 +92,8 @@ class CostMeter:
         extra = self._extra()
         if extra:
             return max(0.0, float(np.median(extra))) + float(np.median(self._handover))
+        if self._held:
+            return float(np.mean(self._record)) if self._record else None
         return float(np.median(self._record)) if self._record else None
 
     def _extra(self) -> list[float]:

@@ -3,7 +3,8 @@
 Its hooks stay short and call named helpers, as Keras' own callbacks do: the
 probe pass (:mod:`~layerwatch.record.probe_pass`), the step bookkeeping
 (:mod:`~layerwatch.record.steps`), the snapshot a fused train call computes
-(:mod:`~layerwatch.record.fused`), the time budget
+(:mod:`~layerwatch.record.fused`), the steps whose snapshots wait for one
+replay of several (:mod:`~layerwatch.record.held`), the time budget
 (:mod:`~layerwatch.record.budget`), the chief rule
 (:mod:`~layerwatch.record.chief`) and what the file is told about the model
 (:mod:`~layerwatch.record.specs`). Writing is the store's
@@ -30,6 +31,7 @@ from .chief import env_is_chief, is_chief
 from .extractor import LayerSelector, Tap
 from .features import FeatureAscent, check_features, features_due
 from .fused import DeferredSnapshot, Fused, can_fuse, fused_pass
+from .held import HeldSteps
 from .jax_state import JaxState
 from .occlusion import DEFAULT_PATCH, check_occlusion_options
 from .options import check_analysis_probes, check_every, check_path, check_recording_options
@@ -40,12 +42,18 @@ from .step_values import StepValues, mean_metrics
 from .steps import StepCounter
 
 _open_writers: "weakref.WeakSet[RunWriter]" = weakref.WeakSet()
+_holding: "weakref.WeakSet[HeldSteps]" = weakref.WeakSet()  # of the recordings open
 
 
 @atexit.register
 def _close_open_writers() -> None:
     # A run that raised out of fit() never reaches on_train_end; close its file
     # at exit so what was buffered is written and the file is marked stopped.
+    for held in list(_holding):  # first: they hand their snapshots to the writers
+        try:
+            held.close()
+        except Exception:
+            pass
     for writer in list(_open_writers):
         try:
             writer.close(status=STATUS_STOPPED)
@@ -254,6 +262,7 @@ class LayerWatch(keras.callbacks.Callback):
         self._disk_checked = False
         self._writer: RunWriter | None = None
         self._last_step: int | None = None
+        self._held: HeldSteps | None = None  # steps waiting for one replay of several
         self._last_analysis: int | None = None
         self._epoch = 0
         self._owns_file = False  # this callback created the file: later fits append
@@ -290,6 +299,8 @@ class LayerWatch(keras.callbacks.Callback):
         first = self._probes.like if ahead else self._snapshot()
         self._open_writer(model, self._split(first)[0], step)
         _open_writers.add(self._writer)
+        self._held = HeldSteps(self._probes, self._record_held, wait=self.flush_seconds / 2)
+        _holding.add(self._held)
         if fuse:
             self._deferred = DeferredSnapshot(self._fused_pass(model, first))
         if not ahead:  # else the first fused call's snapshot is checked
@@ -329,7 +340,12 @@ class LayerWatch(keras.callbacks.Callback):
             scalars = self._step_values.convert(self._scalars(logs, with_lr=direct), batch) \
                 if logs else {}
             written = None
-            if direct:
+            releases = self._held.releases
+            held = direct and self._held.hold(step, self._epoch,
+                                              lambda: self._analysis_grams(step))
+            if held:
+                self._last_step, direct = step, False
+            elif direct:
                 arrays = self._snapshot()
                 written = time.perf_counter()
                 self._record(step, arrays, self._analysis_grams(step))
@@ -346,8 +362,10 @@ class LayerWatch(keras.callbacks.Callback):
             if self._meter is not None:
                 end = time.perf_counter()
                 # A separate snapshot taken now is not part of handing over the fused one.
-                self._meter.add(step, start, end, (end - written) if direct else None,
-                                fused_call=fused_call, handover=handed - start)
+                self._meter.add(step, start, end,
+                                (end - written) if direct else 0.0 if held else None,
+                                fused_call=fused_call, handover=handed - start, held=held,
+                                released=self._held.releases > releases)
                 if self._meter.done:
                     self._check_budget(self._meter)
                     self._meter, self._budget_checked = None, True
@@ -355,12 +373,22 @@ class LayerWatch(keras.callbacks.Callback):
         except Exception as exc:
             self._stop_recording(exc)
 
+    def on_test_begin(self, logs=None):
+        # fit() validates through the same callbacks: steps held for one replay
+        # of several (PyTorch) reach the writer before validation, however long.
+        if self._recording:
+            try:
+                self._held.release()
+            except Exception as exc:
+                self._stop_recording(exc)
+
     def on_epoch_end(self, epoch, logs=None):
         if not self._recording:
             return
         try:
             # Snapshots are on disk at every epoch end: no deferred one waits
-            # for the next epoch (and for whatever runs between epochs).
+            # for the next epoch (and for whatever runs between epochs). Held
+            # steps need nothing from the next one: their weights are copied.
             self._take_deferred(now=True)
             step = self._steps.at_epoch_end(epoch)
             self._writer.add_epoch_logs(epoch, step, self._scalars(logs or {}))
@@ -373,6 +401,7 @@ class LayerWatch(keras.callbacks.Callback):
         if not self._failed:
             try:
                 self._take_deferred(now=True)
+                self._held.close()
                 step = self._read_step()
                 if step != self._last_step:
                     self._record(step, self._snapshot(), self._analysis_grams(step, final=True))
@@ -521,12 +550,19 @@ class LayerWatch(keras.callbacks.Callback):
         return self._probes.grams()
 
     def _record(self, step: int, arrays: list[np.ndarray] | None,
-                grams: list[np.ndarray] | None, *, epoch: int | None = None) -> None:
+                grams: list[np.ndarray] | None, *, epoch: int | None = None,
+                wall_time: float | None = None) -> None:
+        if self._held is not None:
+            self._held.release()  # the file's rows stay in step order
         cams = self._gradcam(arrays)
         arrays, saliency = self._split(arrays)
         self._writer.add_snapshot(step, self._epoch if epoch is None else epoch, arrays, grams,
-                                  saliency=saliency, gradcam=cams)
+                                  saliency=saliency, gradcam=cams, wall_time=wall_time)
         self._last_step = step
+
+    def _record_held(self, step: int, epoch: int, arrays: list[np.ndarray],
+                     grams: list[np.ndarray] | None, wall_time: float) -> None:
+        self._record(step, arrays, grams, epoch=epoch, wall_time=wall_time)
 
     def _gradcam(self, arrays: list[np.ndarray] | None) -> dict[str, np.ndarray] | None:
         """Layer key -> Grad-CAM maps of a snapshot (its last arrays), or None."""
@@ -673,6 +709,16 @@ class LayerWatch(keras.callbacks.Callback):
 
     def _close(self, *, status: int) -> None:
         self._release_fused()
+        held, self._held = self._held, None
+        if held is not None:
+            _holding.discard(held)
+            count = len(held)
+            try:
+                held.close()
+            except Exception as exc:
+                warnings.warn(f"layerwatch could not record the last {count} steps' "
+                              f"snapshots in {self.path}: {type(exc).__name__}: {exc}",
+                              RuntimeWarning, stacklevel=2)
         writer, self._writer = self._writer, None
         if writer is None:
             return

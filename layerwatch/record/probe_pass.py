@@ -182,6 +182,23 @@ class ProbePass:
         """The recorded tensors of the probes now, one array per tap."""
         return _numpy(self._predict(self.feed))
 
+    @property
+    def slots(self) -> int:
+        """How many steps :meth:`hold` keeps for one :meth:`release` (0: it never holds)."""
+        return getattr(self._predict, "slots", 0) if self._gradients is None else 0
+
+    def hold(self) -> bool:
+        """Keep the weights as they stand for a later :meth:`release`, instead of
+        taking :meth:`snapshot_all` now: where the probe pass replays several
+        steps at once (PyTorch, :mod:`~layerwatch.record.torch_batch`) and a
+        snapshot has no saliency or Grad-CAM maps. False where it does not hold."""
+        hold = getattr(self._predict, "hold", None)
+        return hold is not None and self._gradients is None and hold()
+
+    def release(self) -> list[list[np.ndarray]]:
+        """:meth:`snapshot_all` of each step :meth:`hold` kept, in order."""
+        return [_numpy(out) for out in self._predict.release()]
+
     def snapshot_all(self) -> list[np.ndarray]:
         """:meth:`snapshot`, then :meth:`gradients`: what a fused step hands back.
 

@@ -22,6 +22,10 @@ model, ``bench/torch_replay.py``). The lean graph passes the same check
 against Keras' pass; if it fails, the trace as recorded is checked and used
 instead. No other TorchScript pass is run: its profiling and fusion passes
 cost 35 ms at the first replays and nothing less per step after.
+
+On a small model several steps are replayed at once (:meth:`TracedProbes.hold`
+keeps each step's weights, :meth:`TracedProbes.release` replays them together:
+:mod:`~layerwatch.record.torch_batch`), with the same numbers.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from . import torch_graph
+from . import torch_batch, torch_graph
 from .probe_pass import _numpy
 
 
@@ -51,6 +55,9 @@ class TracedProbes:
         self.lean = False
         #: How many convolutions of the lean graph add their own bias.
         self.fused_biases = 0
+        self._batch: torch_batch.BatchedReplay | None = None
+        #: Why steps are not replayed together (:meth:`hold`), once tried.
+        self.unbatched: str | None = None
 
     def __call__(self, x: Any):
         if self._traced is None and self.failed is None:
@@ -59,6 +66,50 @@ class TracedProbes:
             return self._fallback(x)
         arrays = _replay(self._traced, self._tensors)
         return arrays[0] if self._single else arrays
+
+    @property
+    def slots(self) -> int:
+        """How many steps :meth:`hold` can keep for one :meth:`release` (0: none)."""
+        batch = self._batch
+        return batch.slots if batch is not None and batch.failed is None else 0
+
+    def hold(self) -> bool:
+        """Keep a copy of the weights as they stand, for the next :meth:`release`
+        to replay with the others (:mod:`.torch_batch`); False where steps are
+        not replayed together (:attr:`unbatched` says why) or the slots are
+        full: then call this on the probes as usual."""
+        if self._batch is None and self.unbatched is None:
+            self._batch_up()
+        batch = self._batch
+        if batch is None or batch.failed is not None or batch.held >= batch.slots:
+            return False
+        batch.hold()
+        return True
+
+    def release(self) -> list[list[np.ndarray]]:
+        """The probe pass on each copy :meth:`hold` kept, in order, as a call
+        would give it; the copies are freed."""
+        batch = self._batch
+        if batch is None:
+            return []
+        snapshots = batch.release()
+        if batch.failed is not None:
+            self.unbatched = batch.failed
+        return [arrays[0] if self._single else arrays for arrays in snapshots]
+
+    def _batch_up(self) -> None:
+        if self._traced is None:
+            self.unbatched = self.failed or "not traced"
+            return
+        traced = self._traced
+        try:
+            self._batch = torch_batch.BatchedReplay(
+                traced.graph, traced.function, self._tensors, traced.state,
+                _replay(traced, self._tensors))
+        except torch_batch.Unbatchable as exc:
+            self.unbatched = str(exc)
+        except Exception as exc:  # a saving, never a reason to stop recording
+            self.unbatched = f"{type(exc).__name__}: {exc}"
 
     def _trace(self, x: Any) -> None:
         """Trace the call on ``x``: the lean graph if that gives Keras' numbers,
@@ -105,16 +156,18 @@ class _Trace:
     """
 
     def __init__(self, function: Any, state: tuple):
-        self._function = function
-        self._state = state
+        #: The traced function, ``function(*inputs, *state)``.
+        self.function = function
+        #: The model's parameters and buffers, as the function takes them.
+        self.state = state
 
     @property
     def graph(self) -> Any:
         """The function's TorchScript graph (flat: the trace records no module calls)."""
-        return self._function.graph
+        return self.function.graph
 
     def __call__(self, *inputs: Any) -> Any:
-        return self._function(*inputs, *self._state)
+        return self.function(*inputs, *self.state)
 
 
 def _trace(extractor: keras.Model, tensors: tuple) -> _Trace:

@@ -284,15 +284,18 @@ class RunWriter:
     def add_snapshot(self, step: int, epoch: int, arrays: Sequence[np.ndarray] | None,
                      grams: Sequence[np.ndarray] | None = None, *,
                      saliency: np.ndarray | None = None,
-                     gradcam: dict[str, np.ndarray] | None = None) -> None:
+                     gradcam: dict[str, np.ndarray] | None = None,
+                     wall_time: float | None = None) -> None:
         """Queue one snapshot: one array of shape (probes, *layer shape) per layer,
         and optionally one (n, n) analysis-probe Gram matrix per layer.
         ``arrays=None`` queues the Grams alone, for a step already recorded.
         A file with saliency needs ``saliency`` (probes, *input shape) with
         every ``arrays``; a file without refuses it. Likewise ``gradcam``, layer
-        key → (probes, h, w) for each of :attr:`gradcam`."""
+        key → (probes, h, w) for each of :attr:`gradcam`. ``wall_time`` is the
+        Unix time of the step (default: now)."""
         with self._lock:
-            self._pending.append((int(step), int(epoch), time.time(),
+            self._pending.append((int(step), int(epoch),
+                                  time.time() if wall_time is None else float(wall_time),
                                   None if arrays is None else list(arrays),
                                   None if grams is None else list(grams),
                                   None if saliency is None else np.asarray(saliency),
