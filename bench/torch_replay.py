@@ -85,7 +85,7 @@ def measure(name: str, *, rounds: int, repeats: int) -> None:
     import keras
     import numpy as np
 
-    from layerwatch.record import probe_pass, torch_batch, torch_graph, torch_trace
+    from layerwatch.record import probe_pass, torch_graph, torch_trace
 
     recorder, feed = _probe_pass(name)
     inputs = list(feed) if isinstance(feed, (list, tuple)) else [feed]
@@ -105,7 +105,7 @@ def measure(name: str, *, rounds: int, repeats: int) -> None:
     calls = {kind: (lambda graph=graph: torch_trace._replay(graph, tensors))
              for kind, graph in graphs.items()}
     calls["keras"] = lambda: recorder.predict_on_batch(feed)
-    together, slots = _together(torch_batch, lean, tensors)
+    together, slots = _together(lean, tensors)
     if slots:
         calls["together"] = together
     times: dict[str, list[float]] = {kind: [] for kind in calls}
@@ -115,9 +115,10 @@ def measure(name: str, *, rounds: int, repeats: int) -> None:
         ratios["together/lean"] = []
     for turn in range(rounds):
         for kind in order[turn % len(order):] + order[:turn % len(order)]:
-            # A batched call replays `slots` steps: its time per step.
-            times[kind].append(_time(calls[kind], max(1, repeats // (slots or 1)))
-                               / (slots if kind == "together" else 1))
+            if kind == "together":  # a call replays `slots` steps: its time per step
+                times[kind].append(_time(calls[kind], max(1, repeats // slots)) / slots)
+            else:
+                times[kind].append(_time(calls[kind], repeats))
         for pair in ratios:
             top, bottom = pair.split("/")
             ratios[pair].append(times[top][-1] / times[bottom][-1])
@@ -137,12 +138,12 @@ def measure(name: str, *, rounds: int, repeats: int) -> None:
         print(f"ratio {name} {pair} = {_common.fmt_ratio(values)}", flush=True)
 
 
-def _together(torch_batch, lean, tensors):
+def _together(lean, tensors):
     """(a call that holds and replays `slots` steps at once, slots), or (why not, 0).
 
     The weights do not move between the held copies here; the first release,
-    made here, compares every copy's ops and outputs with the single replay."""
-    from layerwatch.record import torch_trace
+    made here, is checked against the single replay as in a fit."""
+    from layerwatch.record import torch_batch, torch_trace
 
     try:
         batch = torch_batch.BatchedReplay(lean.graph, lean.function, tensors, lean.state,

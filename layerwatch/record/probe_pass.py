@@ -197,7 +197,7 @@ class ProbePass:
 
     def release(self) -> list[list[np.ndarray]]:
         """:meth:`snapshot_all` of each step :meth:`hold` kept, in order."""
-        return [_numpy(out) for out in self._predict.release()]
+        return self._predict.release()
 
     def snapshot_all(self) -> list[np.ndarray]:
         """:meth:`snapshot`, then :meth:`gradients`: what a fused step hands back.

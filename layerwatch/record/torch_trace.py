@@ -87,15 +87,15 @@ class TracedProbes:
         return True
 
     def release(self) -> list[list[np.ndarray]]:
-        """The probe pass on each copy :meth:`hold` kept, in order, as a call
-        would give it; the copies are freed."""
+        """The probe pass on each copy :meth:`hold` kept, in order: one list of
+        arrays per copy, one per output; the copies are freed."""
         batch = self._batch
         if batch is None:
             return []
         snapshots = batch.release()
         if batch.failed is not None:
             self.unbatched = batch.failed
-        return [arrays[0] if self._single else arrays for arrays in snapshots]
+        return snapshots
 
     def _batch_up(self) -> None:
         if self._traced is None:
