@@ -419,6 +419,81 @@ def test_chunks_written_partly_filled_leave_no_holes_in_the_file(tmp_path):
     assert sizes[3] < 1.3 * sizes[32], sizes
 
 
+def _rows_on_disk(path):
+    """(committed steps, the first layer's rows) as another process reads the
+    file being written (SWMR)."""
+    code = ("import sys, h5py; f = h5py.File(sys.argv[1], 'r', libver='latest', swmr=True); "
+            "n = f['steps'].shape[0]; print(n, f['activations/l0'][:n].astype('f4').sum())")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return int(out[0]), float(out[1])
+
+
+def test_a_writer_waiting_for_blocks_returns_with_each_block_on_disk(tmp_path):
+    """With ``wait_for_blocks`` (the callback's choice on PyTorch and JAX) the
+    snapshot that completes a block returns once the block is written and
+    committed: another process reading the file finds it. Its columns are
+    encoded side by side on the writer's encoder threads and read back exactly."""
+    rng = np.random.default_rng(3)
+    shapes = [(14, 14, 8), (7, 7, 16), (28, 28, 4), (3, 3, 2), (5, 5, 1)]
+    path = tmp_path / "run.h5"
+    writer = _writer(path, shapes, flush_snapshots=8)
+    writer.wait_for_blocks = True
+    made = []
+    for step in range(16):
+        made.append([np.tanh(rng.normal(size=(2,) + s)).astype("f4") for s in shapes])
+        writer.add_snapshot(step, 0, made[-1])
+        if step in (7, 15):
+            want = np.stack([m[0] for m in made]).astype(np.float16).astype("f4").sum()
+            assert _rows_on_disk(path) == (step + 1, pytest.approx(want, rel=1e-5))
+    writer.close()
+    with h5py.File(path, "r") as f:
+        for i in range(len(shapes)):
+            np.testing.assert_array_equal(f[f"activations/l{i}"][:], np.stack(
+                [m[i] for m in made]).astype(np.float16))
+
+
+def test_a_writer_closed_at_interpreter_exit_writes_its_last_snapshots(tmp_path):
+    """The callback closes recordings left open (``fit`` raised) in an ``atexit``
+    hook, which runs after Python's thread pools stop taking work: the last
+    block is still encoded and written."""
+    path = tmp_path / "run.h5"
+    code = (
+        "import atexit, sys, numpy as np\n"
+        "from layerwatch.store import LayerSpec, RunWriter\n"
+        "w = RunWriter.create(sys.argv[1], layers=[LayerSpec(key='l0', shape=(7, 7, 16))],\n"
+        "                     probes_x=np.zeros((2, 4, 4, 1), 'f4'), probes_y=None,\n"
+        "                     metadata={}, texts={})\n"
+        "for step in range(5):\n"
+        "    w.add_snapshot(step, 0, [np.full((2, 7, 7, 16), step, 'f4')])\n"
+        "atexit.register(w.close)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    with h5py.File(path, "r") as f:
+        assert f["steps"][:].tolist() == list(range(5))
+        np.testing.assert_array_equal(f["activations/l0"][:, 0, 0, 0, 0], np.arange(5))
+
+
+def test_an_encoding_failure_reaches_the_training_loop(tmp_path, monkeypatch):
+    """A chunk that fails to encode (on an encoder thread) stops the writer, and the
+    error is raised where snapshots are handed over, as a failed write is."""
+    from layerwatch.store import codec
+
+    def fail(data, level):
+        raise MemoryError("no room to compress")
+
+    monkeypatch.setattr(codec, "deflate", fail)
+    writer = _writer(tmp_path / "run.h5", [(7, 7, 16), (3, 3, 2)], flush_snapshots=4)
+    writer.wait_for_blocks = True
+    with pytest.raises(MemoryError, match="no room to compress"):
+        for step in range(4):
+            writer.add_snapshot(step, 0, [np.zeros((2, 7, 7, 16), "f4"),
+                                          np.zeros((2, 3, 3, 2), "f4")])
+    with pytest.raises(MemoryError):
+        writer.close()
+
+
 def test_a_snapshot_of_the_wrong_shape_is_refused_not_written(tmp_path):
     writer = _writer(tmp_path / "run.h5", [(7, 7, 16)])
     writer.add_snapshot(0, 0, [np.zeros((3, 7, 7, 16), "f4")])  # 3 probes, the file has 2

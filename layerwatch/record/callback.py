@@ -118,7 +118,9 @@ class LayerWatch(keras.callbacks.Callback):
         time the disk needs), never more than ``3 * flush_snapshots - 1``; on
         TensorFlow also the newest step's, which the next step computes.
     flush_snapshots : int, default 32
-        Snapshots buffered before a write is started.
+        Snapshots buffered before a write is started. On PyTorch training
+        waits for that write (its threads leave no core idle to write beside
+        them); elsewhere the writer works beside training.
     analysis_probes : array-like, optional
         Extra inputs, not rendered, whose n×n activation Gram matrices are kept
         every ``analysis_every`` steps for ``layerwatch drift`` (linear CKA on
@@ -477,6 +479,7 @@ class LayerWatch(keras.callbacks.Callback):
                 features=self._features and self._features.spec, **options)
             self._last_step = self._last_analysis = self._last_occlusion = None
             self._last_features = None
+        self._writer.wait_for_blocks = _wait_for_blocks()
         self._owns_file = True
         self._failed = False
 
@@ -735,3 +738,18 @@ class LayerWatch(keras.callbacks.Callback):
 def _first(feed: Any) -> np.ndarray | None:
     """The first input's array of a probe feed (an array, a list of them, or None)."""
     return feed[0] if isinstance(feed, list) else feed
+
+
+def _wait_for_blocks() -> bool:
+    """Whether training should wait while the writer compresses and writes each
+    block (:attr:`RunWriter.wait_for_blocks`): on PyTorch.
+
+    PyTorch's OpenMP workers keep every core busy during a step (they spin
+    between ops), so the writer's threads, compressing beside them at idle
+    priority, got CPU only when a block handed over found the queue full, and
+    at normal priority slowed the steps by more than their own CPU time. On
+    the seed model at batch 64 a fit took less time when training waited for
+    each block (bench/README.md, 0.4.8). On TensorFlow and JAX it made no
+    measurable difference: their writers work beside training.
+    """
+    return keras.backend.backend() == "torch"

@@ -9,11 +9,13 @@ encoded by :mod:`layerwatch.store.codec`; every name comes from
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 import h5py
@@ -49,7 +51,10 @@ class RunWriter:
     a kill loses at most the snapshots of the last ``flush_seconds`` — at most
     ``flush_snapshots`` of them while the disk keeps up. Memory is bounded by
     the queue: the training loop waits rather than buffering without limit if
-    the disk falls behind.
+    the disk falls behind. A block's layers are compressed side by side on a
+    few encoder threads. With :attr:`wait_for_blocks` the training loop waits
+    at each block until it is written (the callback's choice where training
+    keeps every core busy: see ``layerwatch.record.callback``).
 
     Each block is committed in two flushes: activations, epochs, wall times and
     metric values first, then the index datasets (``steps``,
@@ -107,6 +112,14 @@ class RunWriter:
         self.resumed: Resumed | None = None
         #: In append mode, the step of the newest snapshot already in the file.
         self.resumed_from: int | None = None
+        #: Wait at each block handed over until the writer thread has written
+        #: it (see :meth:`add_snapshot`). Off by default: the thread then
+        #: writes beside training, on CPU that training leaves idle.
+        self.wait_for_blocks = False
+        # Chunks are encoded on these threads, a block's columns side by side.
+        self._encoding = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                            thread_name_prefix="layerwatch-encode",
+                                            initializer=_lower_priority)
         self._thread = threading.Thread(target=self._work, name="layerwatch-writer", daemon=True)
         self._thread.start()
 
@@ -307,7 +320,7 @@ class RunWriter:
             full = len(self._pending) >= self._flush_snapshots or (
                 arrays is not None and self._rows % self._flush_snapshots == 0)
         if full:
-            self.flush()
+            self.flush(wait=self.wait_for_blocks)
         else:
             self._raise_if_failed()
 
@@ -414,6 +427,12 @@ class RunWriter:
 
     def _work(self) -> None:
         _lower_priority()
+        try:
+            self._serve()
+        finally:
+            self._encoding.shutdown()
+
+    def _serve(self) -> None:
         while True:
             try:
                 job = self._queue.get(timeout=self._flush_seconds)
@@ -511,22 +530,21 @@ class RunWriter:
         if snapshots:
             n = len(snapshots)
             t0 = node(STEPS).shape[0]
-            for i, key in enumerate(self._keys):
-                block = np.stack([s[3][i] for s in snapshots]).astype(self._dtypes[key],
-                                                                      copy=False)
-                ds = node(f"{ACTIVATIONS}/{key}")
+            # (tail key, dataset, a function making its block of rows); "/"
+            # never occurs in a layer key: no clash in the chunk tails.
+            columns = [(key, node(f"{ACTIVATIONS}/{key}"),
+                        lambda i=i, key=key: _rows([s[3][i] for s in snapshots],
+                                                   self._dtypes[key]))
+                       for i, key in enumerate(self._keys)]
+            if self.saliency:
+                columns.append(("/" + SALIENCY, node(SALIENCY),
+                                lambda: _rows([s[5] for s in snapshots], np.float32)))
+            columns += [(f"/{GRADCAM}/{key}", node(f"{GRADCAM}/{key}"),
+                         lambda key=key: _rows([s[6][key] for s in snapshots], np.float32))
+                        for key in self.gradcam]
+            for _, ds, _ in columns:
                 ds.resize(t0 + n, axis=0)
-                self._write_rows(key, ds, t0, block)
-            if self.saliency:  # "/" never occurs in a layer key: no clash in the chunk tails
-                ds = node(SALIENCY)
-                ds.resize(t0 + n, axis=0)
-                self._write_rows("/" + SALIENCY, ds, t0,
-                                 np.stack([s[5] for s in snapshots]).astype(np.float32))
-            for key in self.gradcam:
-                ds = node(f"{GRADCAM}/{key}")
-                ds.resize(t0 + n, axis=0)
-                self._write_rows(f"/{GRADCAM}/{key}", ds, t0,
-                                 np.stack([s[6][key] for s in snapshots]).astype(np.float32))
+            self._write_rows(t0, columns)
             for name, column in ((EPOCHS, 1), (WALL_TIME, 2)):
                 ds = node(name)
                 ds.resize(t0 + n, axis=0)
@@ -562,59 +580,111 @@ class RunWriter:
         node(HEARTBEAT)[0] = time.time()
         f.flush()
 
-    def _write_rows(self, key: str, ds: h5py.Dataset, t0: int, block: np.ndarray) -> None:
-        """Write ``block`` at rows ``t0``... of ``ds``, chunk by chunk.
+    def _write_rows(self, t0: int, columns: list[tuple[str, h5py.Dataset, Any]]) -> None:
+        """Write each column's block of rows at rows ``t0``... of its dataset,
+        chunk by chunk. ``columns``: (tail key, dataset, a function making the block).
 
-        Chunks are compressed here (see :func:`~layerwatch.store.codec.chunk_encoder`)
-        and written as they are. A last, partly filled chunk is written with
-        zero rows after its own and room to grow
+        Chunks are compressed here (see :func:`~layerwatch.store.codec.chunk_encoder`),
+        the columns' blocks side by side on the encoder threads, and written as
+        they are, in order, by this thread. A last, partly filled chunk is
+        written with zero rows after its own and room to grow
         (:func:`~layerwatch.store.codec.reserved_room`), and its rows are kept in
         memory: the next block rewrites that chunk whole, in place, without
         reading it back. (Blocks are handed over at multiples of
         ``flush_snapshots`` rows, so that happens only on the ``flush_seconds``
         timer and at the end: see :meth:`add_snapshot`.)
         """
-        if key not in self._encoders:
-            self._encoders[key] = codec.chunk_encoder(ds)
-        encode = self._encoders[key]
-        if encode is None:  # HDF5 applies the filters itself
-            ds[t0:t0 + len(block)] = block
-            return
-        size = ds.chunks[0]
-        c0 = t0 - t0 % size
-        tail = self._tails.get(key)
-        if tail is None or len(tail) != t0 - c0:  # first block, or a resumed file
-            tail = ds[c0:t0]
-        rows = np.concatenate([tail, block]) if len(tail) else block
-        last = len(rows) - len(rows) % size  # where the last, partly filled chunk starts
-        origin = (0,) * (rows.ndim - 1)
-        for j in range(0, len(rows), size):
-            chunk = rows[j:j + size]
-            filled = len(chunk)
-            if filled < size:  # rows past the dataset's end are never read
-                chunk = np.concatenate([chunk, np.zeros((size - filled,) + chunk.shape[1:],
-                                                        dtype=chunk.dtype)])
-            data = encode(chunk)
-            offset = (c0 + j,) + origin
-            # h5py takes its global HDF5 lock around every call but this one
-            # (h5py 3.14): without it, two writers' threads would be inside
-            # HDF5 at once.
-            with _HDF5_LOCK:
-                # A chunk on disk already (partly filled) is rewritten in place
-                # if it fits; a partly filled one gets room to grow in place.
-                stored = ds.id.get_chunk_info_by_coord(offset).size if j == 0 and len(tail) \
-                    else 0
-                if filled == size:
-                    self._full[key] = max(self._full.get(key, 0), len(data))
-                if len(data) <= stored:
-                    room = stored
-                elif filled < size and not self._closing:
-                    room = codec.reserved_room(len(data), self._full.get(key), chunk.nbytes)
-                else:
-                    room = 0
-                ds.id.write_direct_chunk(offset, data + bytes(max(0, room - len(data))))
-        self._tails[key] = rows[last:]
+        plans = []
+        for key, ds, make in columns:
+            if key not in self._encoders:
+                self._encoders[key] = codec.chunk_encoder(ds)
+            encode = self._encoders[key]
+            if encode is None:  # HDF5 applies the filters itself
+                block = make()
+                ds[t0:t0 + len(block)] = block
+                continue
+            size = ds.chunks[0]
+            c0 = t0 - t0 % size
+            tail = self._tails.get(key)
+            if tail is None or len(tail) != t0 - c0:  # first block, or a resumed file
+                tail = ds[c0:t0]
+            plans.append((key, ds, make, encode, size, c0, tail))
+        for (key, ds, _, _, size, c0, tail), (rows, chunks) in zip(
+                plans, _in_order(self._encoding, _encode_chunks, plans)):
+            origin = (0,) * (rows.ndim - 1)
+            for j, filled, data in chunks:
+                offset = (c0 + j,) + origin
+                # h5py takes its global HDF5 lock around every call but this one
+                # (h5py 3.14): without it, two writers' threads would be inside
+                # HDF5 at once.
+                with _HDF5_LOCK:
+                    # A chunk on disk already (partly filled) is rewritten in place
+                    # if it fits; a partly filled one gets room to grow in place.
+                    stored = ds.id.get_chunk_info_by_coord(offset).size if j == 0 and len(tail) \
+                        else 0
+                    if filled == size:
+                        self._full[key] = max(self._full.get(key, 0), len(data))
+                    if len(data) <= stored:
+                        room = stored
+                    elif filled < size and not self._closing:
+                        raw = size * rows[:1].nbytes
+                        room = codec.reserved_room(len(data), self._full.get(key), raw)
+                    else:
+                        room = 0
+                    ds.id.write_direct_chunk(offset, data + bytes(max(0, room - len(data))))
+            self._tails[key] = rows[len(rows) - len(rows) % size:]
 
+
+def _rows(arrays: Sequence[np.ndarray], dtype: Any) -> np.ndarray:
+    """One block of rows, ``arrays`` stacked, in ``dtype`` (cast as they are copied)."""
+    rows = np.empty((len(arrays),) + np.shape(arrays[0]), dtype=dtype)
+    for row, array in zip(rows, arrays):
+        row[...] = array
+    return rows
+
+
+def _encode_chunks(plan) -> tuple[np.ndarray, list[tuple[int, int, bytes]]]:
+    """A column's rows (its tail's, then the block's) and its chunks encoded:
+    (first row in the rows, rows filled, bytes) per chunk (encoder threads)."""
+    _, _, make, encode, size, _, tail = plan
+    block = make()
+    rows = np.concatenate([tail, block]) if len(tail) else block
+    chunks = []
+    for j in range(0, len(rows), size):
+        chunk = rows[j:j + size]
+        filled = len(chunk)
+        if filled < size:  # rows past the dataset's end are never read
+            chunk = np.concatenate([chunk, np.zeros((size - filled,) + chunk.shape[1:],
+                                                    dtype=chunk.dtype)])
+        chunks.append((j, filled, encode(chunk)))
+    return rows, chunks
+
+
+def _in_order(pool: ThreadPoolExecutor, fn: Any, items: list, ahead: int = 4):
+    """``fn`` of each item, run on ``pool``, yielded in order; at most ``ahead``
+    results held or under way at once (memory stays bounded on wide models)."""
+    running: collections.deque = collections.deque()
+    for item in items:
+        if len(running) >= ahead:
+            yield running.popleft().result()
+        running.append(_submit(pool, fn, item))
+    while running:
+        yield running.popleft().result()
+
+
+def _submit(pool: ThreadPoolExecutor, fn: Any, item: Any) -> Future:
+    """``pool.submit(fn, item)``, or ``fn(item)`` run here once the interpreter
+    is exiting: :mod:`concurrent.futures` takes no more work then, and the hook
+    that closes recordings left open (after ``fit`` raised) runs after that."""
+    try:
+        return pool.submit(fn, item)
+    except RuntimeError:
+        done: Future = Future()
+        try:
+            done.set_result(fn(item))
+        except BaseException as exc:
+            done.set_exception(exc)
+        return done
 
 
 def _create_analysis(f: h5py.File, hold: Any, layers: Sequence[LayerSpec],
