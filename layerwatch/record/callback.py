@@ -119,8 +119,8 @@ class LayerWatch(keras.callbacks.Callback):
         TensorFlow also the newest step's, which the next step computes.
     flush_snapshots : int, default 32
         Snapshots buffered before a write is started. On PyTorch training
-        waits for that write (its threads leave no core idle to write beside
-        them); elsewhere the writer works beside training.
+        waits for that write, which costs less there than writing beside its
+        steps; elsewhere the writer works beside training.
     analysis_probes : array-like, optional
         Extra inputs, not rendered, whose n×n activation Gram matrices are kept
         every ``analysis_every`` steps for ``layerwatch drift`` (linear CKA on
@@ -744,12 +744,12 @@ def _wait_for_blocks() -> bool:
     """Whether training should wait while the writer compresses and writes each
     block (:attr:`RunWriter.wait_for_blocks`): on PyTorch.
 
-    PyTorch's OpenMP workers keep every core busy during a step (they spin
-    between ops), so the writer's threads, compressing beside them at idle
-    priority, got CPU only when a block handed over found the queue full, and
-    at normal priority slowed the steps by more than their own CPU time. On
-    the seed model at batch 64 a fit took less time when training waited for
-    each block (bench/README.md, 0.4.8). On TensorFlow and JAX it made no
-    measurable difference: their writers work beside training.
+    On PyTorch the writer's compression found no idle CPU beside training: it
+    cost the seed model's fit about its whole CPU time, and at idle priority
+    mostly ran while a batch end handing over a block waited for the one
+    before. Waiting for each block, written by the encoder threads side by
+    side, made the fit about 1–2 % faster (bench/README.md, 0.4.8). On
+    TensorFlow and JAX waiting made no measurable difference: their writers
+    work beside training.
     """
     return keras.backend.backend() == "torch"
