@@ -430,7 +430,7 @@ def _rows_on_disk(path):
 
 
 def test_a_writer_waiting_for_blocks_returns_with_each_block_on_disk(tmp_path):
-    """With ``wait_for_blocks`` (the callback's choice on PyTorch and JAX) the
+    """With ``wait_for_blocks`` (the callback's choice on PyTorch) the
     snapshot that completes a block returns once the block is written and
     committed: another process reading the file finds it. Its columns are
     encoded side by side on the writer's encoder threads and read back exactly."""

@@ -53,8 +53,8 @@ class RunWriter:
     the queue: the training loop waits rather than buffering without limit if
     the disk falls behind. A block's layers are compressed side by side on a
     few encoder threads. With :attr:`wait_for_blocks` the training loop waits
-    at each block until it is written (the callback's choice where training
-    keeps every core busy: see ``layerwatch.record.callback``).
+    at each block until it is written (the callback's choice on PyTorch, where
+    writing beside training cost as much: see ``layerwatch.record.callback``).
 
     Each block is committed in two flushes: activations, epochs, wall times and
     metric values first, then the index datasets (``steps``,
