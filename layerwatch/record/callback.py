@@ -301,7 +301,7 @@ class LayerWatch(keras.callbacks.Callback):
         first = self._probes.like if ahead else self._snapshot()
         self._open_writer(model, self._split(first)[0], step)
         _open_writers.add(self._writer)
-        self._held = HeldSteps(self._probes, self._record_held, wait=self.flush_seconds / 2)
+        self._held = HeldSteps(self._probes, self._record, wait=self.flush_seconds / 2)
         _holding.add(self._held)
         if fuse:
             self._deferred = DeferredSnapshot(self._fused_pass(model, first))
@@ -562,10 +562,6 @@ class LayerWatch(keras.callbacks.Callback):
         self._writer.add_snapshot(step, self._epoch if epoch is None else epoch, arrays, grams,
                                   saliency=saliency, gradcam=cams, wall_time=wall_time)
         self._last_step = step
-
-    def _record_held(self, step: int, epoch: int, arrays: list[np.ndarray],
-                     grams: list[np.ndarray] | None, wall_time: float) -> None:
-        self._record(step, arrays, grams, epoch=epoch, wall_time=wall_time)
 
     def _gradcam(self, arrays: list[np.ndarray] | None) -> dict[str, np.ndarray] | None:
         """Layer key -> Grad-CAM maps of a snapshot (its last arrays), or None."""

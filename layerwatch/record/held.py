@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Any, Callable
 
-#: ``record(step, epoch, arrays, grams, wall_time)``: hand one snapshot to the writer.
-Record = Callable[[int, int, list, Any, float], None]
+#: ``record(step, arrays, grams, epoch=, wall_time=)``: hand one snapshot to the writer.
+Record = Callable[..., None]
 
 
 class HeldSteps:
@@ -72,7 +72,7 @@ class HeldSteps:
                 return
             self.releases += 1
             for (step, epoch, grams, when), arrays in zip(held, self._probes.release()):
-                self._record(step, epoch, arrays, grams, when)
+                self._record(step, arrays, grams, epoch=epoch, wall_time=when)
 
     def close(self) -> None:
         """Release what is held, then stop the timer (raises what a release raised)."""

@@ -10,6 +10,7 @@ encoded by :mod:`layerwatch.store.codec`; every name comes from
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import queue
 import socket
@@ -608,9 +609,10 @@ class RunWriter:
             tail = self._tails.get(key)
             if tail is None or len(tail) != t0 - c0:  # first block, or a resumed file
                 tail = ds[c0:t0]
-            plans.append((key, ds, make, encode, size, c0, tail))
-        for (key, ds, _, _, size, c0, tail), (rows, chunks) in zip(
-                plans, _in_order(self._encoding, _encode_chunks, plans)):
+            plans.append((key, ds, size, c0, tail,
+                          functools.partial(_encode_chunks, make, encode, size, tail)))
+        encoded = _in_order(self._encoding, [plan[-1] for plan in plans])
+        for (key, ds, size, c0, tail, _), (rows, chunks) in zip(plans, encoded):
             origin = (0,) * (rows.ndim - 1)
             for j, filled, data in chunks:
                 offset = (c0 + j,) + origin
@@ -643,10 +645,11 @@ def _rows(arrays: Sequence[np.ndarray], dtype: Any) -> np.ndarray:
     return rows
 
 
-def _encode_chunks(plan) -> tuple[np.ndarray, list[tuple[int, int, bytes]]]:
-    """A column's rows (its tail's, then the block's) and its chunks encoded:
-    (first row in the rows, rows filled, bytes) per chunk (encoder threads)."""
-    _, _, make, encode, size, _, tail = plan
+def _encode_chunks(make: Any, encode: Any, size: int, tail: np.ndarray
+                   ) -> tuple[np.ndarray, list[tuple[int, int, bytes]]]:
+    """A column's rows (its ``tail``, then the block ``make()`` gives) and its
+    chunks of ``size`` rows encoded: (first row in the rows, rows filled, bytes)
+    per chunk (encoder threads)."""
     block = make()
     rows = np.concatenate([tail, block]) if len(tail) else block
     chunks = []
@@ -660,28 +663,28 @@ def _encode_chunks(plan) -> tuple[np.ndarray, list[tuple[int, int, bytes]]]:
     return rows, chunks
 
 
-def _in_order(pool: ThreadPoolExecutor, fn: Any, items: list, ahead: int = 4):
-    """``fn`` of each item, run on ``pool``, yielded in order; at most ``ahead``
+def _in_order(pool: ThreadPoolExecutor, jobs: list, ahead: int = 4):
+    """Each job's result, run on ``pool``, yielded in order; at most ``ahead``
     results held or under way at once (memory stays bounded on wide models)."""
     running: collections.deque = collections.deque()
-    for item in items:
+    for job in jobs:
         if len(running) >= ahead:
             yield running.popleft().result()
-        running.append(_submit(pool, fn, item))
+        running.append(_submit(pool, job))
     while running:
         yield running.popleft().result()
 
 
-def _submit(pool: ThreadPoolExecutor, fn: Any, item: Any) -> Future:
-    """``pool.submit(fn, item)``, or ``fn(item)`` run here once the interpreter
+def _submit(pool: ThreadPoolExecutor, job: Any) -> Future:
+    """``pool.submit(job)``, or ``job()`` run here once the interpreter
     is exiting: :mod:`concurrent.futures` takes no more work then, and the hook
     that closes recordings left open (after ``fit`` raised) runs after that."""
     try:
-        return pool.submit(fn, item)
+        return pool.submit(job)
     except RuntimeError:
         done: Future = Future()
         try:
-            done.set_result(fn(item))
+            done.set_result(job())
         except BaseException as exc:
             done.set_exception(exc)
         return done
