@@ -1,3 +1,3 @@
 """The package version (read by setup.cfg without importing the package)."""
 
-__version__ = "0.4.8"
+__version__ = "0.4.9"

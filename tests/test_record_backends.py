@@ -155,6 +155,37 @@ def test_jax_probes_ride_in_the_train_step_compiled_once(tmp_path, tiny_data):
     assert np.count_nonzero(~np.isnan(rate)) >= len(steps) - 2
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's jitted train step")
+def test_jax_partial_batches_run_keras_own_step_and_the_compiled_probe_pass(tmp_path, tiny_data):
+    # 48 examples in batches of 10: each epoch ends with a batch of 8. The
+    # fused step is compiled for the fit's first batch shape only; the batch
+    # of 8 runs Keras' own train step after the separate probe pass, on the
+    # values that step starts from: the same snapshots, one trace of the fused
+    # step. A later fit in batches of 16 has it compiled for those.
+    from layerwatch.record.jax_fused import JaxFusedProbePass
+
+    x, y = tiny_data
+    model, reference = _model()
+    watch = LayerWatch(tmp_path / "run.h5", x[:3], budget=None)
+    during = _Reference(reference, x[:3])
+    model.fit(x, y, batch_size=10, epochs=2, verbose=0, callbacks=[watch, during])
+    assert isinstance(watch._fusion, JaxFusedProbePass) and watch._fusion.traces == 1
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[watch, during])
+    assert watch._fusion.traces == 2
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        steps = f["steps"][:].tolist()
+        recorded = [f["activations/conv1"][:], f["activations/conv2"][:]]
+        names = [n.decode() for n in f["metrics/batch/names"][:]]
+        rate = f["metrics/batch/values"][:, names.index("learning_rate")]
+        rate_steps = f["metrics/batch/step"][:]
+    assert steps == list(range(14))
+    # Steps 4 and 9 are taken by the calls with the batches of 8.
+    for index, step in enumerate(steps[1:], start=1):
+        for got, want in zip(recorded, during.seen[step]):
+            np.testing.assert_allclose(got[index], want, atol=ATOL)
+    np.testing.assert_allclose(rate[np.isin(rate_steps, [4, 9])], [0.001, 0.001])
+
+
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's traced probe pass")
 def test_torch_probe_pass_replays_a_trace_that_follows_the_weights(tiny_data):
     # The recorder's forward pass on PyTorch is a trace of Keras' (cheaper per

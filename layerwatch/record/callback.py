@@ -512,7 +512,8 @@ class LayerWatch(keras.callbacks.Callback):
                 or not fusion.install():
             fusion = self._fusion = fused_pass(model, self._probes.recorder,
                                                self._probes.feed, like,
-                                               graph=self._probes.compiled_call)
+                                               graph=self._probes.compiled_call,
+                                               separate=self._snapshot_on)
             fusion.install()
         return fusion
 
@@ -523,6 +524,11 @@ class LayerWatch(keras.callbacks.Callback):
         # function the fused step calls too, on JAX on the train loop's state
         # as it is, unsynced): see ProbePass.snapshot_all.
         return self._probes.snapshot_all()
+
+    def _snapshot_on(self, values: Any) -> tuple[list, float | None]:
+        """JAX: the probe activations and the learning rate on the model's
+        (trainable, non-trainable, optimizer) ``values`` given."""
+        return self._probes.snapshot_on(values), self._jax_state.learning_rate(values)
 
     def _make_features(self, step: int, *, final: bool = False) -> None:
         """Queue the feature images of ``step`` when they are due (``features_every=``)."""

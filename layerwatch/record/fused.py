@@ -72,16 +72,19 @@ def can_fuse(model: keras.Model, recorder: keras.Model | None = None, *,
 
 
 def fused_pass(model: keras.Model, recorder: keras.Model, probes: Any, like: list,
-               graph: Callable[[], tuple] | None = None) -> "Fused":
+               graph: Callable[[], tuple] | None = None,
+               separate: Callable[[Any], tuple[list, Any]] | None = None) -> "Fused":
     """This backend's fused train function (see :func:`can_fuse`), not yet installed.
 
     ``graph`` (TensorFlow): what the step runs on the probes, a function of no
     argument (:meth:`~layerwatch.record.probe_pass.ProbePass.compiled_call`);
-    default ``recorder`` on ``probes``."""
+    default ``recorder`` on ``probes``. ``separate`` (JAX): the separate
+    probe pass on given values, ``(outputs, learning rate)``, for batches of
+    another shape (see :class:`~layerwatch.record.jax_fused.JaxFusedProbePass`)."""
     if keras.backend.backend() == "jax":
         from .jax_fused import JaxFusedProbePass
 
-        return JaxFusedProbePass(model, recorder, probes, like)
+        return JaxFusedProbePass(model, recorder, probes, like, separate=separate)
     return FusedProbePass(model, recorder, probes, like, graph=graph)
 
 
@@ -147,7 +150,7 @@ class Fused:
         outputs, rate = taken
         # TensorFlow's and JAX's arrays convert themselves (np.array copies, as
         # keras.ops.convert_to_numpy does, without its per-call checks).
-        rate = float(np.array(rate))
+        rate = float("nan") if rate is None else float(np.array(rate))
         return [np.array(o) for o in outputs], (None if rate != rate else rate)
 
     def restore(self) -> None:

@@ -58,7 +58,8 @@ class JaxState:
         return current
 
     def function(self, sub: keras.Model) -> Callable[[Any], Any]:
-        """``sub``'s inference-mode outputs for an input, on the current values.
+        """``sub``'s inference-mode outputs for an input, on the current values
+        (a :class:`_Compiled`; its :meth:`~_Compiled.at` takes given values).
 
         If ``sub`` holds a variable the model does not, only a state sync
         gives it the right values: then the state is synced first and Keras'
@@ -66,8 +67,8 @@ class JaxState:
         import jax
 
         model = self.model
-        current = self.values_for(sub)
-        if current is None:
+        picks = variable_picks(model, sub)
+        if picks is None:
             def synced(x):
                 model.jax_state_sync()
                 return sub.predict_on_batch(x)
@@ -77,11 +78,12 @@ class JaxState:
             outputs, _ = sub.stateless_call(trainable, non_trainable, x, training=False)
             return outputs
 
-        return _Compiled(jax.jit(run), current, sub)
+        return _Compiled(jax.jit(run), self, picks, sub)
 
-    def learning_rate(self) -> float | None:
+    def learning_rate(self, values: Any = None) -> float | None:
         """The optimizer's learning rate at the current state (a schedule evaluated
-        at the current step), None without one."""
+        at the current step), or at the model's ``values`` given (as
+        :meth:`values` returns them); None without one."""
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None or getattr(optimizer, "learning_rate", None) is None:
             return None
@@ -89,22 +91,28 @@ class JaxState:
             import jax
 
             self._rate = jax.jit(lambda values: learning_rate_at(optimizer, values))
-        return float(self._rate(self.values()[2]))
+        return float(self._rate((self.values() if values is None else values)[2]))
 
 
 class _Compiled:
     """``sub``'s jitted inference call on the current values; :meth:`warm`
     compiles it ahead, in a thread of its own."""
 
-    def __init__(self, jitted: Callable, current: Callable[[], tuple[list, list]],
-                 sub: keras.Model):
+    def __init__(self, jitted: Callable, state: JaxState, picks: Picks, sub: keras.Model):
         self._jitted = jitted
-        self._current = current
+        self._state = state
+        self._picks = picks
         self._sub = sub
         self._feed: list = [None, None]  # the last input and its device copy (the probes)
         self._warming: threading.Thread | None = None
 
     def __call__(self, x):
+        return self.at(self._state.values(), x)
+
+    def at(self, values: Any, x: Any):
+        """``sub``'s outputs for ``x`` on the model's ``values`` = (trainable,
+        non-trainable, …), as :meth:`JaxState.values` gives them or as the
+        train loop's state holds them."""
         import jax
 
         if self._warming is not None:
@@ -112,7 +120,7 @@ class _Compiled:
             self._warming = None
         if self._feed[0] is not x:
             self._feed[:] = [x, jax.tree_util.tree_map(jax.numpy.asarray, x)]
-        return self._jitted(*self._current(), self._feed[1])
+        return self._jitted(*picked(values, self._picks), self._feed[1])
 
     def warm(self, x: Any) -> None:
         """Start compiling the call for inputs like ``x`` in a daemon thread.

@@ -182,6 +182,14 @@ class ProbePass:
         """The recorded tensors of the probes now, one array per tap."""
         return _numpy(self._predict(self.feed))
 
+    def snapshot_on(self, values: Any) -> list:
+        """JAX: :meth:`snapshot` on the model's ``values`` given ((trainable,
+        non-trainable, …), as the train loop's state holds them) rather than
+        the current ones; the arrays stay JAX's, not yet copied out. Runs the
+        function :meth:`snapshot` runs, compiled once for both."""
+        outputs = self._predict.at(values, self.feed)
+        return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
     @property
     def slots(self) -> int:
         """How many steps :meth:`hold` keeps for one :meth:`release` (0: it never holds)."""
