@@ -638,11 +638,9 @@ class RunWriter:
 
 
 def _rows(arrays: Sequence[np.ndarray], dtype: Any) -> np.ndarray:
-    """One block of rows, ``arrays`` stacked, in ``dtype`` (cast as they are copied)."""
-    rows = np.empty((len(arrays),) + np.shape(arrays[0]), dtype=dtype)
-    for row, array in zip(rows, arrays):
-        row[...] = array
-    return rows
+    """One block of rows, ``arrays`` stacked, in ``dtype`` (cast as they are
+    copied, as ``astype`` casts)."""
+    return np.stack(arrays, dtype=dtype, casting="unsafe")
 
 
 def _encode_chunks(make: Any, encode: Any, size: int, tail: np.ndarray
